@@ -1,0 +1,118 @@
+"""What every adapter layer shares: the frozen linear layer it wraps, and merging.
+
+A base layer computes h = W x + b with W of shape (out, in). Two kinds are supported:
+``torch.nn.Linear`` (weight stored (out, in)) and transformers' GPT-2 ``Conv1D``
+(weight stored transposed, (in, out)). Adapter code only ever sees W as (out, in).
+"""
+
+from __future__ import annotations
+
+import sys
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers is imported already if the model came from it; never import it here.
+    utils = sys.modules.get("transformers.pytorch_utils")
+    return utils is not None and isinstance(module, utils.Conv1D)
+
+
+def is_supported(module: nn.Module) -> bool:
+    """Whether an adapter can wrap ``module``: an ``nn.Linear`` or a transformers ``Conv1D``."""
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a supported base layer."""
+    if _is_conv1d(module):
+        return module.nx, module.nf
+    return module.in_features, module.out_features
+
+
+class AdapterLayer(nn.Module, ABC):
+    """A frozen base layer plus a trainable low-rank update.
+
+    Every variant computes ``h = W x + b + u(x)`` where the update ``u`` is linear in x,
+    so it has a matrix ``delta_weight()`` of shape (out, in) that merging adds to W.
+
+    Args:
+        base_layer: the wrapped ``nn.Linear`` or ``Conv1D``; kept as is, so removing the
+            adapter gives back this very module.
+        rank: r, the rank of the update.
+
+    Attributes:
+        variant: the variant's name, one of ``wb.VARIANTS``.
+        merged: whether ``delta_weight()`` is currently folded into W.
+    """
+
+    variant: str = ""
+
+    def __init__(self, base_layer: nn.Module, rank: int) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = linear_shape(base_layer)
+        self.rank = rank
+        self.merged = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight as it stores it (for code that reads ``layer.weight``)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def base_weight(self) -> torch.Tensor:
+        """W as an (out, in) view of the base weight; writing to it writes the base layer."""
+        weight = self.base_layer.weight
+        return weight.T if _is_conv1d(self.base_layer) else weight
+
+    @abstractmethod
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's contribution u(x): (..., in) -> (..., out)."""
+
+    @abstractmethod
+    def delta_weight(self) -> torch.Tensor:
+        """The update's matrix, (out, in): u(x) = delta_weight() @ x without dropout."""
+
+    @abstractmethod
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        """The adapter's trainable parameters by name (frozen adapter tensors excluded)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in) -> (..., out)."""
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        return result + self.update(x)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W <- W + delta_weight(): one matrix product at inference, no adapter overhead."""
+        if not self.merged:
+            weight = self.base_weight()
+            weight.add_(self.delta_weight().to(weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W <- W - delta_weight(): back to the unmerged outputs within float rounding."""
+        if self.merged:
+            weight = self.base_weight()
+            weight.sub_(self.delta_weight().to(weight.dtype))
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"variant={self.variant!r}, rank={self.rank}, merged={self.merged}"
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    """The model's adapter layers with their qualified names, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            yield name, module

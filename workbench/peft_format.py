@@ -1,0 +1,255 @@
+"""PEFT's adapter format, both ways: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Tensor keys follow peft's saved layout for a base model whose module ``<name>`` is adapted::
+
+    base_model.model.<name>.lora_A.weight      (r, in)      LoRA
+    base_model.model.<name>.lora_B.weight      (out, r)
+    base_model.model.<name>.vera_lambda_d      (r,)         VeRA
+    base_model.model.<name>.vera_lambda_b      (out,)
+    base_model.vera_A, base_model.vera_B       (r, max_in), (max_out, r), shared
+
+Every LoRA-based variant (lora, lora-fa, lora-plus, delta-lora) exports as a plain LoRA: the
+forward of each is W x + s B A x. Only safetensors and JSON are read: never a pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .adapt import add_adapters, adapter_config, remove_adapters
+from .adapters import adapter_layers, get_variant, is_supported, linear_shape
+from .adapters.layer import _is_conv1d
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+_DELTA_LORA_NOTE = (
+    "This adapter was trained with Delta-LoRA, which also moved the base weights of the adapted "
+    "layers. The file holds only A and B: load it on those moved weights (save them yourself, "
+    "e.g. with the model's state_dict), not on the original base model, to get the trained outputs."
+)
+
+
+def _exact_names_pattern(names: list[str]) -> str:
+    """A regex that peft and ``find_targets`` both fullmatch against exactly these names."""
+    return "(?:" + "|".join(re.escape(name) for name in names) + ")"
+
+
+def _write_atomically(path: Path, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def export_peft(model: nn.Module, directory: str | os.PathLike[str], base_model_name_or_path: str | None = None) -> Path:
+    """Write the model's adapter in peft's format, for ``PeftModel.from_pretrained(base, directory)``.
+
+    Args:
+        model: a model adapted with ``wb.add_adapters`` (merged or not).
+        directory: created if missing; existing adapter files in it are replaced.
+        base_model_name_or_path: recorded in the config, as peft does.
+
+    Returns:
+        The directory.
+
+    The adapter is exported against the base weights the layers hold now. For delta-lora those
+    weights moved during training; a warning and the directory's README.md say so.
+    """
+    config = adapter_config(model)
+    variant = get_variant(config.variant)
+    layers = dict(adapter_layers(model))
+    tensors: dict[str, torch.Tensor] = {}
+    common = {
+        "base_model_name_or_path": base_model_name_or_path,
+        "bias": "none",
+        "fan_in_fan_out": any(_is_conv1d(layer.base_layer) for layer in layers.values()),
+        "inference_mode": True,
+        "modules_to_save": None,
+        "r": config.rank,
+        "target_modules": _exact_names_pattern(list(layers)),
+        "task_type": None,
+    }
+    if variant.peft_type == "LORA":
+        for name, layer in layers.items():
+            tensors[f"{_PREFIX}{name}.lora_A.weight"] = layer.lora_A
+            tensors[f"{_PREFIX}{name}.lora_B.weight"] = layer.lora_B
+        peft_config = {
+            **common,
+            "peft_type": "LORA",
+            "lora_alpha": config.alpha,
+            "lora_dropout": config.options.get("dropout", 0.0),
+            "use_rslora": config.options["rslora"],
+            "init_lora_weights": True,
+        }
+    else:
+        for name, layer in layers.items():
+            tensors[f"{_PREFIX}{name}.vera_lambda_d"] = layer.vera_lambda_d
+            tensors[f"{_PREFIX}{name}.vera_lambda_b"] = layer.vera_lambda_b
+        first = next(iter(layers.values()))
+        tensors["base_model.vera_A"], tensors["base_model.vera_B"] = first.vera_A, first.vera_B
+        peft_config = {
+            **common,
+            "peft_type": "VERA",
+            "projection_prng_key": config.options["projection_seed"],
+            "save_projection": True,
+            "vera_dropout": config.options["dropout"],
+            "d_initial": config.options["d_initial"],
+            "init_weights": True,
+        }
+    tensors = {key: t.detach().to("cpu").contiguous().clone() for key, t in tensors.items()}
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomically(out / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    _write_atomically(out / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(peft_config, indent=2) + "\n"))
+    readme = f"# Adapter ({config.variant}, r={config.rank})\n\nWritten by the adapter workbench in peft's format.\n"
+    if config.variant == "delta-lora":
+        warnings.warn(_DELTA_LORA_NOTE, stacklevel=2)
+        readme += "\n" + _DELTA_LORA_NOTE + "\n"
+    _write_atomically(out / "README.md", lambda p: Path(p).write_text(readme))
+    return out
+
+
+_UNSUPPORTED = {
+    "use_dora": False,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "layers_to_transform": None,
+    "layer_replication": None,
+    "modules_to_save": None,
+    "lora_bias": False,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+}
+
+
+def _read_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    if not config_path.is_file():
+        raise ValueError(f"{directory} is not a peft adapter directory: {CONFIG_FILE} is missing")
+    if not weights_path.is_file():
+        pickled = (directory / "adapter_model.bin").is_file()
+        reason = "only adapter_model.bin, a pickle, which is never loaded" if pickled else f"no {WEIGHTS_FILE}"
+        raise ValueError(f"{directory} holds {reason}; save the adapter with safe_serialization=True")
+    config = json.loads(config_path.read_text())
+    if config.get("peft_type") not in ("LORA", "VERA"):
+        raise ValueError(f"peft_type {config.get('peft_type')!r} in {config_path} is not supported; valid: LORA, VERA")
+    for key, default in _UNSUPPORTED.items():
+        if config.get(key, default) not in (default, None, {}, False):
+            raise ValueError(f"{config_path}: {key}={config[key]!r} is not supported (only plain {config['peft_type']})")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"{config_path}: bias={config['bias']!r} is not supported; only 'none'")
+    return config, load_file(weights_path)
+
+
+def _parse_keys(tensors: dict[str, torch.Tensor], suffixes: tuple[str, ...], shared: tuple[str, ...]) -> list[str]:
+    """The adapted module names, in file order; refuses a key that fits no expected pattern."""
+    names: list[str] = []
+    for key in tensors:
+        if key in shared:
+            continue
+        suffix = next((s for s in suffixes if key.endswith("." + s)), None)
+        if not key.startswith(_PREFIX) or suffix is None:
+            raise ValueError(f"unexpected tensor {key!r} in the adapter file; expected {_PREFIX}<module>.<{'|'.join(suffixes)}>")
+        name = key[len(_PREFIX) : -len(suffix) - 1]
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def import_peft(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
+    """Load an adapter that peft saved (LoRA or VeRA) onto ``model``, with peft's outputs.
+
+    ``model`` must be the base model the adapter was trained on, without adapters. A LoRA
+    adapter becomes variant ``"lora"``, a VeRA adapter ``"vera"`` (with the saved projections
+    when the file holds them, else regenerated from ``projection_prng_key``).
+
+    Raises:
+        ValueError: not a peft directory, a pickle-only adapter, an adapter type or feature this
+            library does not have, or tensors that do not fit the model. The model is then unchanged.
+    """
+    directory = Path(directory)
+    config, tensors = _read_adapter(directory)
+    rank = int(config["r"])
+    if config["peft_type"] == "LORA":
+        names = _parse_keys(tensors, ("lora_A.weight", "lora_B.weight"), ())
+        expected = {"lora_A.weight": lambda i, o: (rank, i), "lora_B.weight": lambda i, o: (o, rank)}
+        args: dict[str, Any] = {
+            "variant": "lora",
+            "alpha": float(config["lora_alpha"]),
+            "dropout": float(config.get("lora_dropout", 0.0)),
+            "rslora": bool(config.get("use_rslora", False)),
+        }
+    else:
+        names = _parse_keys(tensors, ("vera_lambda_d", "vera_lambda_b"), ("base_model.vera_A", "base_model.vera_B"))
+        expected = {"vera_lambda_d": lambda i, o: (rank,), "vera_lambda_b": lambda i, o: (o,)}
+        args = {
+            "variant": "vera",
+            "d_initial": float(config.get("d_initial", 0.1)),
+            "dropout": float(config.get("vera_dropout", 0.0)),
+            "projection_seed": int(config.get("projection_prng_key", 0)),
+        }
+    for name in names:
+        module = model.get_submodule(name) if _has_module(model, name) else None
+        if module is None or not is_supported(module):
+            raise ValueError(f"the adapter adapts {name!r}, which the model has no linear layer for")
+        in_features, out_features = linear_shape(module)
+        for suffix, shape_of in expected.items():
+            key = f"{_PREFIX}{name}.{suffix}"
+            if key not in tensors:
+                raise ValueError(f"the adapter file lacks {key!r}")
+            if tuple(tensors[key].shape) != shape_of(in_features, out_features):
+                raise ValueError(
+                    f"{key} has shape {tuple(tensors[key].shape)} but the model's {name!r} needs "
+                    f"{shape_of(in_features, out_features)}"
+                )
+
+    variant = args.pop("variant")
+    add_adapters(model, variant, rank, args.pop("alpha", None), _exact_names_pattern(names), **args)
+    try:
+        _load_tensors(model, tensors)
+    except BaseException:
+        remove_adapters(model)
+        raise
+    return model
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+@torch.no_grad()
+def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    layers = dict(adapter_layers(model))
+    first = next(iter(layers.values()))
+    for key in ("base_model.vera_A", "base_model.vera_B"):
+        if key in tensors:
+            shared = getattr(first, key.rsplit(".", 1)[1])
+            if shared.shape != tensors[key].shape:
+                raise ValueError(f"{key} has shape {tuple(tensors[key].shape)}; this model needs {tuple(shared.shape)}")
+            shared.copy_(tensors[key])  # one tensor, shared by every layer
+    for key, value in tensors.items():
+        if key.startswith(_PREFIX):
+            name, _, attribute = key[len(_PREFIX) :].rpartition(".")
+            if attribute == "weight":  # lora_A.weight -> lora_A
+                name, _, attribute = name.rpartition(".")
+            getattr(layers[name], attribute).copy_(value)
