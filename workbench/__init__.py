@@ -13,6 +13,7 @@ from .adapt import (
     unmerge_adapters,
 )
 from .adapters import VARIANTS, AdapterLayer, adapter_layers
+from .memory import SavedTensors, saved_activations
 from .optim import make_optimizer
 from .peft_format import export_peft, import_peft
 
@@ -22,6 +23,7 @@ __all__ = [
     "VARIANTS",
     "AdapterConfig",
     "AdapterLayer",
+    "SavedTensors",
     "adapter_config",
     "adapter_layers",
     "add_adapters",
@@ -30,6 +32,7 @@ __all__ = [
     "make_optimizer",
     "merge_adapters",
     "remove_adapters",
+    "saved_activations",
     "trainable_parameters",
     "unmerge_adapters",
 ]
