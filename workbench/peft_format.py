@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapt import add_adapters, adapter_config, remove_adapters
+from .adapt import adapter_config, add_adapters, remove_adapters
 from .adapters import adapter_layers, get_variant, is_supported, linear_shape
 from .adapters.layer import _is_conv1d
 
@@ -56,7 +56,9 @@ def _write_atomically(path: Path, write: Any) -> None:
         raise
 
 
-def export_peft(model: nn.Module, directory: str | os.PathLike[str], base_model_name_or_path: str | None = None) -> Path:
+def export_peft(
+    model: nn.Module, directory: str | os.PathLike[str], base_model_name_or_path: str | None = None
+) -> Path:
     """Write the model's adapter in peft's format, for ``PeftModel.from_pretrained(base, directory)``.
 
     Args:
@@ -151,7 +153,9 @@ def _read_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tens
         raise ValueError(f"peft_type {config.get('peft_type')!r} in {config_path} is not supported; valid: LORA, VERA")
     for key, default in _UNSUPPORTED.items():
         if config.get(key, default) not in (default, None, {}, False):
-            raise ValueError(f"{config_path}: {key}={config[key]!r} is not supported (only plain {config['peft_type']})")
+            raise ValueError(
+                f"{config_path}: {key}={config[key]!r} is not supported (only plain {config['peft_type']})"
+            )
     if config.get("bias", "none") != "none":
         raise ValueError(f"{config_path}: bias={config['bias']!r} is not supported; only 'none'")
     return config, load_file(weights_path)
@@ -165,7 +169,8 @@ def _parse_keys(tensors: dict[str, torch.Tensor], suffixes: tuple[str, ...], sha
             continue
         suffix = next((s for s in suffixes if key.endswith("." + s)), None)
         if not key.startswith(_PREFIX) or suffix is None:
-            raise ValueError(f"unexpected tensor {key!r} in the adapter file; expected {_PREFIX}<module>.<{'|'.join(suffixes)}>")
+            expected = f"{_PREFIX}<module>.<{'|'.join(suffixes)}>"
+            raise ValueError(f"unexpected tensor {key!r} in the adapter file; expected {expected}")
         name = key[len(_PREFIX) : -len(suffix) - 1]
         if name not in names:
             names.append(name)

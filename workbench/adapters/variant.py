@@ -84,7 +84,9 @@ class Variant(ABC):
         for key, value in given.items():
             option = self.options[key]
             if not option.valid(value):
-                raise ValueError(f"option {key}={value!r} of variant {self.name!r} is invalid: expected {option.expects}")
+                raise ValueError(
+                    f"option {key}={value!r} of variant {self.name!r} is invalid: expected {option.expects}"
+                )
         return {key: given.get(key, option.default) for key, option in self.options.items()}
 
     @abstractmethod
@@ -99,7 +101,7 @@ class Variant(ABC):
         """Optimizer parameter groups for the adapters; by default one group at ``lr``."""
         return [{"params": [p for layer in layers for p in layer.adapter_params().values()], "lr": lr}]
 
-    def attach(self, optimizer: torch.optim.Optimizer, layers: Sequence[AdapterLayer]) -> None:
+    def attach(self, optimizer: torch.optim.Optimizer, layers: Sequence[AdapterLayer]) -> None:  # noqa: B027
         """Add the variant's rule to ``optimizer`` (step hooks); by default there is none."""
 
 

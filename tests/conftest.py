@@ -1,0 +1,32 @@
+"""Small models shared by the tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+def mlp(seed: int = 0) -> nn.Sequential:
+    """A plain torch model: 12 -> 24 -> 16 -> 6, with Linear layers named 0, 2, 4."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 16), nn.Tanh(), nn.Linear(16, 6))
+
+
+@pytest.fixture
+def regression() -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs (64, 12) and targets (64, 6) of a teacher: ``mlp()`` with layers 0 and 2 moved by rank-2 matrices."""
+    generator = torch.Generator().manual_seed(1)
+    teacher = mlp()
+    with torch.no_grad():
+        for layer in (teacher[0], teacher[2]):
+            out_features, in_features = layer.weight.shape
+            low_rank = torch.randn(out_features, 2, generator=generator) @ torch.randn(2, in_features, generator=generator)
+            layer.weight += low_rank / 2
+        x = torch.randn(64, 12, generator=generator)
+        return x, teacher(x)
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer, cloned, by name."""
+    return {name: t.detach().clone() for name, t in [*model.named_parameters(), *model.named_buffers()]}

@@ -1,0 +1,214 @@
+"""add_adapters on plain and transformers models, merging, removal, counts and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import mlp, snapshot
+from torch import nn
+from transformers import (
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    GPT2Model,
+    LlamaConfig,
+    LlamaModel,
+    RobertaConfig,
+    RobertaModel,
+)
+from transformers.pytorch_utils import Conv1D
+
+import workbench as wb
+
+
+def bert() -> nn.Module:
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    return BertModel(config).eval()
+
+
+def gpt2() -> nn.Module:
+    torch.manual_seed(0)
+    return GPT2Model(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=16)).eval()
+
+
+def llama() -> nn.Module:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return LlamaModel(config).eval()
+
+
+LAYOUTS = {  # model, targets, the number of layers they select
+    "bert": (bert, ["query", "value"], 4),
+    "gpt2": (gpt2, ["c_attn", "c_proj"], 6),  # attn.c_attn, attn.c_proj, mlp.c_proj per block
+    "llama": (llama, ["q_proj", "v_proj"], 4),
+}
+IDS = torch.randint(0, 50, (2, 10), generator=torch.Generator().manual_seed(0))
+
+
+def _randomise(model: nn.Module) -> None:
+    """Give every adapter a non-zero update, as training would."""
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, layer in wb.adapter_layers(model):
+            for param in layer.adapter_params().values():
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+
+
+def _out(model: nn.Module) -> torch.Tensor:
+    return model(IDS).last_hidden_state
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("variant", wb.VARIANTS)
+def test_transformers_layouts_adapt_merge_unmerge_remove(layout, variant):
+    build, targets, count = LAYOUTS[layout]
+    model = build()
+    original = _out(model)
+    modules = {name: module for name, module in model.named_modules() if wb.adapters.is_supported(module)}
+    wb.add_adapters(model, variant, 4, targets=targets)
+    names = [name for name, _ in wb.adapter_layers(model)]
+    assert len(names) == count and all(name.rsplit(".", 1)[-1] in targets for name in names)
+    torch.testing.assert_close(_out(model), original, rtol=0, atol=0)
+
+    _randomise(model)
+    adapted = _out(model)
+    assert (adapted - original).abs().max() > 1e-3
+    wb.merge_adapters(model)
+    torch.testing.assert_close(_out(model), adapted, rtol=1e-5, atol=1e-5)
+    wb.unmerge_adapters(model)
+    torch.testing.assert_close(_out(model), adapted, rtol=1e-5, atol=1e-5)
+
+    wb.remove_adapters(model)
+    assert not list(wb.adapter_layers(model))
+    assert all(model.get_submodule(name) is module for name, module in modules.items())
+    torch.testing.assert_close(_out(model), original, rtol=1e-5, atol=1e-5)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_conv1d_merge_writes_the_transposed_weight():
+    model = gpt2()
+    wb.add_adapters(model, "lora", 4, targets="h.0.attn.c_attn")
+    layer = model.get_submodule("h.0.attn.c_attn")
+    assert isinstance(layer.base_layer, Conv1D) and layer.in_features == 32 and layer.out_features == 96
+    _randomise(model)
+    weight = layer.base_layer.weight.detach().clone()  # (in, out)
+    wb.merge_adapters(model)
+    torch.testing.assert_close(layer.base_layer.weight.detach(), weight + layer.delta_weight().detach().T)
+
+
+def test_remove_with_merge_keeps_what_was_learnt_and_restores_requires_grad():
+    model = mlp()
+    model[0].bias.requires_grad_(False)  # a choice of the user's, to be given back
+    wb.add_adapters(model, "lora", 4)
+    assert [name for name, p in model.named_parameters() if p.requires_grad] == [
+        f"{i}.lora_{m}" for i in (0, 2, 4) for m in "AB"
+    ]
+    _randomise(model)
+    x = torch.randn(5, 12)
+    adapted = model(x)
+    wb.remove_adapters(model, merge=True)
+    assert not any(isinstance(module, wb.AdapterLayer) for module in model.modules())
+    torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-5)
+    assert {name for name, p in model.named_parameters() if not p.requires_grad} == {"0.bias"}
+
+
+def test_targets_exact_suffix_and_regex():
+    def chosen(targets):
+        return [name for name, _ in wb.adapter_layers(wb.add_adapters(bert(), "lora", 2, targets=targets))]
+
+    assert chosen("encoder.layer.0.attention.self.query") == ["encoder.layer.0.attention.self.query"]
+    assert chosen("query") == [f"encoder.layer.{i}.attention.self.query" for i in (0, 1)]
+    assert chosen(r"encoder\.layer\.1\..*(query|key)") == [
+        "encoder.layer.1.attention.self.query", "encoder.layer.1.attention.self.key"
+    ]
+    every_linear = [name for name, m in bert().named_modules() if isinstance(m, nn.Linear)]
+    assert chosen(None) == every_linear
+
+
+def test_roberta_base_counts_match_the_papers():
+    """LoRA's and VeRA's tables: 0.3M (lora r=8) and 0.043M (vera r=1024) on query and value."""
+    with torch.device("meta"):  # the full roberta-base layout without allocating its weights
+        counts = {
+            (variant, rank): wb.trainable_parameters(
+                wb.add_adapters(RobertaModel(RobertaConfig()), variant, rank, targets=["query", "value"])
+            )
+            for variant, rank in [("lora", 8), ("lora-fa", 8), ("vera", 1024)]
+        }
+    assert counts == {("lora", 8): 294_912, ("lora-fa", 8): 147_456, ("vera", 1024): 43_008}
+
+
+def test_make_optimizer_trains_a_head_the_user_unfroze():
+    model = wb.add_adapters(mlp(), "lora-plus", 4, targets=["0", "2"])
+    model[4].requires_grad_(True)
+    opt = wb.make_optimizer(model, lr=1e-3)
+    grouped = [p for group in opt.param_groups for p in group["params"]]
+    assert len(grouped) == len({id(p) for p in grouped}) == 4 + 2
+    assert any(p is model[4].weight for p in opt.param_groups[-1]["params"])
+
+
+BAD_INPUTS = [
+    (dict(variant="dora", rank=4), r"unknown variant 'dora'; valid variants: lora, lora-fa, vera, delta-lora, lora-plus"),
+    (dict(variant="lora", rank=0), r"rank must be an integer >= 1, not 0"),
+    (dict(variant="lora", rank=-2), r"rank must be an integer >= 1"),
+    (dict(variant="lora", rank=2.5), r"rank must be an integer >= 1"),
+    (dict(variant="lora", rank=True), r"rank must be an integer >= 1"),
+    (dict(variant="lora", rank=13), r"rank 13 is larger than layer '0' allows: at most min\(in, out\) = 12"),
+    (dict(variant="lora-fa", rank=7, targets="4"), r"rank 7 is larger than layer '4' allows: at most min\(in, out\) = 6"),
+    (dict(variant="lora", rank=4, alpha=0), r"alpha must be a number > 0"),
+    (dict(variant="vera", rank=4, alpha=8), r"variant 'vera' has no alpha scaling"),
+    (dict(variant="lora", rank=4, targets="q_proj"), r"target 'q_proj' matches no layer of the model; adaptable layer names end in: 0, 2, 4"),
+    (dict(variant="lora", rank=4, targets=["0", "nothing"]), r"target 'nothing' matches no layer"),
+    (dict(variant="lora", rank=4, targets="1"), r"target '1' matches '1', a Tanh, which is not a supported layer"),
+    (dict(variant="lora", rank=4, targets=[]), r"targets must be None, a non-empty string or a non-empty list"),
+    (dict(variant="lora", rank=4, scale=2), r"unknown option 'scale' for variant 'lora'; valid options: dropout, rslora"),
+    (dict(variant="vera", rank=4, lr_ratio=2), r"unknown option 'lr_ratio' for variant 'vera'; valid options: d_initial, dropout, projection_seed"),
+    (dict(variant="delta-lora", rank=4, dropout=0.1), r"unknown option 'dropout' for variant 'delta-lora'"),
+    (dict(variant="lora", rank=4, dropout=1.5), r"option dropout=1.5 of variant 'lora' is invalid: expected a float in \[0, 1\)"),
+    (dict(variant="lora-plus", rank=4, lr_ratio=-1), r"option lr_ratio=-1 of variant 'lora-plus' is invalid: expected a number > 0"),
+    (dict(variant="delta-lora", rank=4, delta_start=-1), r"expected an integer >= 0"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), BAD_INPUTS, ids=[m[:40] for _, m in BAD_INPUTS])
+def test_bad_input_is_refused_and_leaves_the_model_as_it_was(kwargs, message):
+    model = mlp()
+    before = snapshot(model)
+    flags = [p.requires_grad for p in model.parameters()]
+    structure = repr(model)
+    with pytest.raises(ValueError, match=message):
+        wb.add_adapters(model, **kwargs)
+    assert repr(model) == structure and [p.requires_grad for p in model.parameters()] == flags
+    after = snapshot(model)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_adapting_twice_is_refused_and_changes_nothing():
+    model = wb.add_adapters(mlp(), "lora", 4)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"already has adapters; call wb.remove_adapters\(model\)"):
+        wb.add_adapters(model, "vera", 4)
+    after = snapshot(model)
+    assert all(torch.equal(before[k], after[k]) for k in before) and wb.adapter_config(model).variant == "lora"
+
+
+def test_calls_that_need_adapters_say_so():
+    for call in (wb.merge_adapters, wb.unmerge_adapters, wb.remove_adapters, lambda m: wb.make_optimizer(m, 1e-3)):
+        with pytest.raises(ValueError, match=r"has no adapters; add them with wb.add_adapters"):
+            call(mlp())
+
+
+def test_make_optimizer_refuses_unknown_optimizer_and_bad_lr():
+    model = wb.add_adapters(mlp(), "lora", 4)
+    with pytest.raises(ValueError, match=r"unknown optimizer 'lion'; valid optimizers: adamw, adam, sgd"):
+        wb.make_optimizer(model, 1e-3, optimizer="lion")
+    with pytest.raises(ValueError, match=r"lr must be a number > 0"):
+        wb.make_optimizer(model, 0)
+
+
+def test_model_without_linear_layers_is_refused():
+    with pytest.raises(ValueError, match=r"no layer an adapter can wrap"):
+        wb.add_adapters(nn.Sequential(nn.Embedding(4, 4)), "lora", 1)

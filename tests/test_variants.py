@@ -1,0 +1,185 @@
+"""Each variant's math and training rule, checked against its formula written out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import mlp, snapshot
+from torch import nn
+
+import workbench as wb
+from workbench.adapters import vera_projections
+
+
+def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, **optimizer: object) -> list[float]:
+    opt = wb.make_optimizer(model, **({"lr": 1e-2} | optimizer))
+    losses = []
+    for _ in range(steps):
+        loss = nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+# Which tensors each variant may change, as name suffixes of the adapted layers' state.
+CHANGES = {
+    "lora": {"lora_A", "lora_B"},
+    "lora-fa": {"lora_B"},
+    "vera": {"vera_lambda_b", "vera_lambda_d"},
+    "delta-lora": {"lora_A", "lora_B", "base_layer.weight"},
+    "lora-plus": {"lora_A", "lora_B"},
+}
+
+
+@pytest.mark.parametrize("variant", wb.VARIANTS)
+def test_variant_trains_only_what_it_names(variant, regression):
+    x, y = regression
+    model = wb.add_adapters(mlp(), variant, 4, targets=["0", "2"])
+    before = snapshot(model)
+    losses = _train(model, x, y, 25, lr=0.05)
+    assert losses[-1] < 0.8 * losses[0]
+    after = snapshot(model)
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    expected = {f"{layer}.{suffix}" for layer in ("0", "2") for suffix in CHANGES[variant]}
+    assert changed == expected
+
+
+@pytest.mark.parametrize("variant", wb.VARIANTS)
+def test_outputs_unchanged_at_initialisation(variant):
+    base = mlp()
+    x = torch.randn(8, 12)
+    expected = base(x)
+    torch.testing.assert_close(wb.add_adapters(base, variant, 4)(x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_lora_layer_is_w_x_plus_scaled_b_a_x(rslora):
+    model = wb.add_adapters(mlp(), "lora", 4, alpha=12, targets="2", rslora=rslora)
+    layer = model[2]
+    nn.init.normal_(layer.lora_B)
+    h = torch.randn(5, 24)
+    scale = 12 / math.sqrt(4) if rslora else 12 / 4
+    w, b = layer.base_layer.weight, layer.base_layer.bias
+    expected = h @ w.T + b + scale * (h @ layer.lora_A.T @ layer.lora_B.T)
+    torch.testing.assert_close(layer(h), expected)
+    bound = 1 / math.sqrt(24)  # Kaiming-uniform with a = sqrt(5) is U(-1/sqrt(in), 1/sqrt(in))
+    assert layer.lora_A.abs().max() <= bound and layer.lora_A.abs().max() > 0.8 * bound
+    assert layer.lora_A.shape == (4, 24) and layer.lora_B.shape == (16, 4)
+
+
+def test_vera_layer_formula_and_shared_projections():
+    model = wb.add_adapters(mlp(), "vera", 6, d_initial=0.3, projection_seed=7)
+    layers = [model[0], model[2], model[4]]
+    # One pair, sized by the largest layer: A (r, max_in = 24), B (max_out = 24, r), one storage.
+    assert layers[0].vera_A.shape == (6, 24) and layers[0].vera_B.shape == (24, 6)
+    assert len({layer.vera_A.data_ptr() for layer in layers}) == 1
+    a, b = vera_projections(6, 24, 24, seed=7)
+    torch.testing.assert_close(layers[1].vera_A, a, rtol=0, atol=0)
+    torch.testing.assert_close(layers[1].vera_B, b, rtol=0, atol=0)
+    assert "vera_A" not in "".join(model.state_dict())  # regenerated from the seed, never stored
+    layer = layers[1]
+    assert torch.all(layer.vera_lambda_d == 0.3) and torch.all(layer.vera_lambda_b == 0)
+    nn.init.normal_(layer.vera_lambda_b)
+    h = torch.randn(5, 24)
+    w, bias = layer.base_layer.weight, layer.base_layer.bias
+    update = ((h @ a[:, :24].T) * layer.vera_lambda_d) @ b[:16].T * layer.vera_lambda_b
+    torch.testing.assert_close(layer(h), h @ w.T + bias + update)
+
+
+def test_vera_counts_r_plus_out_per_layer_whatever_the_rank():
+    model = wb.add_adapters(mlp(), "vera", 64)  # r may exceed the layers' dimensions
+    assert wb.trainable_parameters(model) == (64 + 24) + (64 + 16) + (64 + 6)
+
+
+def test_lora_fa_gradient_matches_autograd_in_double():
+    """The hand-written backward of LoRA-FA against autograd's numerical Jacobian."""
+    layer = wb.add_adapters(nn.Sequential(nn.Linear(6, 5)), "lora-fa", 3)[0].double()
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(4, 2, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, b: layer.update(x), (x, layer.lora_B))
+
+
+def test_lora_fa_keeps_only_the_rank_r_projection():
+    """Autograd saves A x (N, r) for B's gradient, never the input x (N, in)."""
+    n, width, rank = 256, 512, 4
+    saved = {}
+    for variant in ("lora", "lora-fa"):
+        torch.manual_seed(0)
+        model = wb.add_adapters(nn.Sequential(nn.Linear(width, width)), variant, rank)
+        x = torch.randn(n, width, requires_grad=True)
+        with wb.saved_activations(model) as saved[variant]:
+            model(x).sum()
+    float_bytes = 4
+    assert saved["lora-fa"].bytes == n * rank * float_bytes  # only z = A x
+    assert saved["lora"].bytes >= n * width * float_bytes  # x itself, for A's gradient
+    assert saved["lora-fa"].bytes * (width // rank) <= saved["lora"].bytes
+
+
+def test_lora_plus_steps_b_with_ratio_times_the_learning_rate(regression):
+    x, y = regression
+    model = wb.add_adapters(mlp(), "lora-plus", 4, targets="2", lr_ratio=8.0)
+    layer = model[2]
+    nn.init.normal_(layer.lora_B)
+    opt = wb.make_optimizer(model, lr=0.05, optimizer="sgd")
+    assert [group["lr"] for group in opt.param_groups] == [0.05, 0.05 * 8.0]
+    nn.functional.mse_loss(model(x), y).backward()
+    a, b = layer.lora_A.detach().clone(), layer.lora_B.detach().clone()
+    grad_a, grad_b = layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
+    opt.step()
+    torch.testing.assert_close(layer.lora_A.detach(), a - 0.05 * grad_a)
+    torch.testing.assert_close(layer.lora_B.detach(), b - 0.4 * grad_b)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_delta_lora_moves_w_by_the_change_of_the_product_from_delta_start(regression, optimizer):
+    x, y = regression
+    lam, start = 0.7, 3
+    model = wb.add_adapters(mlp(), "delta-lora", 4, alpha=8, targets=["0", "2"], delta_lambda=lam, delta_start=start)
+    layers = [model[0], model[2]]
+    opt = wb.make_optimizer(model, lr=0.02, optimizer=optimizer)
+    for step in range(1, 7):
+        before = [(layer.base_layer.weight.detach().clone(), (layer.lora_B @ layer.lora_A).detach()) for layer in layers]
+        loss = nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        for layer, (w_old, product_old) in zip(layers, before, strict=True):
+            product_new = (layer.lora_B @ layer.lora_A).detach()
+            if step <= start:
+                assert torch.equal(layer.base_layer.weight, w_old)
+            else:
+                expected = w_old + lam * (8 / 4) * (product_new - product_old)
+                torch.testing.assert_close(layer.base_layer.weight.detach(), expected)
+                assert not torch.equal(layer.base_layer.weight, w_old)
+        assert layers[0].base_layer.weight.grad is None
+    assert opt.param_groups[0]["delta_steps"] == 6
+
+
+def test_delta_lora_step_count_travels_with_the_optimizer_state(regression):
+    """A new optimizer loaded from a saved state continues the count, so delta_start holds on resume."""
+    x, y = regression
+    model = wb.add_adapters(mlp(), "delta-lora", 4, delta_start=4)
+    opt = wb.make_optimizer(model, lr=0.02)
+    for _ in range(2):
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    resumed = wb.make_optimizer(model, lr=0.02)
+    resumed.load_state_dict(opt.state_dict())
+    assert resumed.param_groups[0]["delta_steps"] == 2
+
+
+def test_dropout_acts_on_the_adapter_path_only_in_training():
+    model = wb.add_adapters(mlp(), "lora", 4, dropout=0.5)
+    for module in model:
+        if isinstance(module, wb.AdapterLayer):
+            nn.init.normal_(module.lora_B)
+    x = torch.randn(16, 12)
+    model.train()
+    assert not torch.equal(model(x), model(x))
+    model.eval()
+    torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
