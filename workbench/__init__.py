@@ -13,6 +13,7 @@ from .adapt import (
     unmerge_adapters,
 )
 from .adapters import VARIANTS, AdapterLayer, adapter_layers
+from .checkpoints import CheckpointError, CheckpointManager
 from .memory import SavedTensors, saved_activations
 from .optim import make_optimizer
 from .peft_format import export_peft, import_peft
@@ -23,6 +24,8 @@ __all__ = [
     "VARIANTS",
     "AdapterConfig",
     "AdapterLayer",
+    "CheckpointError",
+    "CheckpointManager",
     "SavedTensors",
     "adapter_config",
     "adapter_layers",

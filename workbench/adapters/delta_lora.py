@@ -32,6 +32,7 @@ class DeltaLoRA(LoRA):
     """
 
     name = "delta-lora"
+    moves_base_weights = True
     options = {
         "rslora": flag_option(),
         "delta_lambda": Option(0.5, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),

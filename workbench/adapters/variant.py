@@ -63,6 +63,8 @@ class Variant(ABC):
         uses_alpha: whether the update is scaled by alpha / r (VeRA has no alpha).
         rank_limited: whether r must be at most min(in, out) of each layer.
         peft_type: the PEFT adapter type it exports as (``"LORA"`` or ``"VERA"``).
+        moves_base_weights: whether training changes the adapted layers' base weights, so a
+            checkpoint of what training changes must hold them.
     """
 
     name: ClassVar[str]
@@ -70,6 +72,7 @@ class Variant(ABC):
     uses_alpha: ClassVar[bool] = True
     rank_limited: ClassVar[bool] = True
     peft_type: ClassVar[str] = "LORA"
+    moves_base_weights: ClassVar[bool] = False
 
     def resolve_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """The full option dict: ``given`` checked against ``options``, defaults filled in.

@@ -1,0 +1,127 @@
+"""Jobs the checkpoint tests run in real subprocesses, to kill them or starve them of disk.
+
+    python checkpoint_jobs.py train RUN_DIR STEPS [--save-every K] [--pause S] [--async]
+    python checkpoint_jobs.py churn DIRECTORY          save large checkpoints until killed
+    python checkpoint_jobs.py disk-full DIRECTORY      save once, then again with a file-size limit
+    python checkpoint_jobs.py hold-lock DIRECTORY      take the write lock, then wait to be killed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.utils.data import TensorDataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import RandomSampler
+
+import workbench as wb
+
+
+def digits_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Dropout(0.1), nn.Linear(64, 10))
+
+
+def train(run: Path, steps: int, save_every: int, pause: float, async_save: bool) -> None:
+    """Shuffled digits, dropout in the model and on the adapter path; resumes if it can."""
+    data = load_digits()
+    dataset = TensorDataset(torch.tensor(data.data, dtype=torch.float32) / 16, torch.tensor(data.target))
+    # Two generators: the sampler's shuffles and is saved in the loader's state; the loader's own
+    # only feeds the per-epoch worker base seed. With one shared generator epochs after a resume
+    # differ, and with none the base seed is drawn from the global RNG, which shifts dropout.
+    sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(1))
+    loader = StatefulDataLoader(dataset, batch_size=32, sampler=sampler, generator=torch.Generator().manual_seed(3))
+    model = wb.add_adapters(digits_model(), "lora", 4, dropout=0.2)
+    optimizer = wb.make_optimizer(model, lr=1e-2)
+    manager = wb.CheckpointManager(run / "checkpoints", keep_last=2, async_save=async_save)
+    torch.manual_seed(2)
+    step, epoch = 0, 0
+    progress = manager.resume(model, optimizer)
+    if progress is not None:
+        step, epoch = progress["step"], progress["extra"]["epoch"]
+        loader.load_state_dict(progress["extra"]["loader"])
+    with open(run / "losses.txt", "a") as log:
+        while step < steps:
+            for x, y in loader:
+                loss = nn.functional.cross_entropy(model(x), y)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                step += 1
+                log.write(f"{step} {loss.item()!r}\n")
+                log.flush()
+                if step % save_every == 0 or step == steps:
+                    extra = {"loader": loader.state_dict(), "epoch": epoch}
+                    manager.save(step, model, optimizer, metrics={"train_loss": loss.item()}, extra=extra)
+                time.sleep(pause)
+                if step == steps:
+                    break
+            else:
+                epoch += 1
+    manager.close()
+
+
+def big_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Linear(512, 512) for _ in range(16)])  # 16.8 MB of float32
+
+
+def churn(directory: Path) -> None:
+    model = big_model()
+    manager = wb.CheckpointManager(directory, keep_last=3)
+    step = len(manager.list())
+    while True:
+        step += 1
+        with torch.no_grad():
+            model[0].bias.fill_(step)
+        manager.save(step, model, full=True)
+
+
+def disk_full(directory: Path) -> None:
+    model = wb.add_adapters(big_model(), "lora", 8)
+    manager = wb.CheckpointManager(directory, keep_last=1)
+    manager.save(1, model)  # adapter tensors only: small
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+    try:
+        manager.save(2, model, full=True)  # 16.8 MB: cannot fit
+    except wb.CheckpointError as error:
+        print(json.dumps({"error": str(error)}))
+    else:
+        print(json.dumps({"error": None}))
+
+
+def hold_lock(directory: Path) -> None:
+    manager = wb.CheckpointManager(directory)
+    manager.save(0, nn.Linear(2, 2), full=True)
+    print("locked", flush=True)
+    time.sleep(600)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("job", choices=["train", "churn", "disk-full", "hold-lock"])
+    parser.add_argument("directory", type=Path)
+    parser.add_argument("steps", type=int, nargs="?", default=0)
+    parser.add_argument("--save-every", type=int, default=10)
+    parser.add_argument("--pause", type=float, default=0.0)
+    parser.add_argument("--async", dest="async_save", action="store_true")
+    args = parser.parse_args()
+    args.directory.mkdir(parents=True, exist_ok=True)
+    if args.job == "train":
+        train(args.directory, args.steps, args.save_every, args.pause, args.async_save)
+    else:
+        {"churn": churn, "disk-full": disk_full, "hold-lock": hold_lock}[args.job](args.directory)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""One checkpoint: what it holds, how it is written, verified and loaded.
+
+A checkpoint is a directory of exactly these files::
+
+    model.safetensors      the model tensors training changes (or all of them, full=True)
+    optimizer.safetensors  the optimizer state's tensors; its structure as JSON in the metadata
+    progress.json          step, stage, metrics, learning rates, RNG states, the caller's extra
+                           state (data loader position, epoch, losses, run configuration),
+                           adapter configuration, versions, and the SHA-256 of the other files
+
+Nothing is ever unpickled: only safetensors and JSON are read, and a directory holding any
+other file is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import random
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors
+import torch
+from safetensors.torch import save
+from torch import nn
+
+from ..adapt import adapter_config
+from ..adapters import adapter_layers, get_variant
+from .codec import decode, encode, tensor_from_json, tensor_to_json
+from .files import sha256
+
+FORMAT = 1
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+PROGRESS_FILE = "progress.json"
+FILES = (MODEL_FILE, OPTIMIZER_FILE, PROGRESS_FILE)
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be written, read or loaded; the message names the file and why."""
+
+
+def changed_tensors(model: nn.Module, full: bool = False) -> dict[str, torch.Tensor]:
+    """The model's state that training changes, by state-dict name.
+
+    That is every parameter with ``requires_grad``, every tensor an adapter layer owns (LoRA-FA's
+    frozen random A too, since the run's result depends on it), and for variants that move
+    base weights (Delta-LoRA) the adapted layers' base weights. ``full=True``: the whole state dict.
+    """
+    state = model.state_dict(keep_vars=True)
+    if full:
+        return {name: tensor.detach() for name, tensor in state.items()}
+    names = {name for name, param in model.named_parameters() if param.requires_grad}
+    layers = list(adapter_layers(model))
+    moves = bool(layers) and get_variant(adapter_config(model).variant).moves_base_weights
+    for layer_name, layer in layers:
+        names.update(f"{layer_name}.{n}" for n, _ in layer.named_parameters() if not n.startswith("base_layer."))
+        if moves:
+            names.add(f"{layer_name}.base_layer.weight")
+    return {name: tensor.detach() for name, tensor in state.items() if name in names}
+
+
+def capture_rng() -> dict[str, Any]:
+    """The global RNG states: Python's, NumPy's and torch's (CPU, and CUDA where present)."""
+    states: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng(states: dict[str, Any]) -> None:
+    """Set the global RNGs back to ``capture_rng``'s states."""
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _adapter_summary(model: nn.Module) -> dict[str, Any] | None:
+    if not any(True for _ in adapter_layers(model)):
+        return None
+    config = asdict(adapter_config(model))
+    del config["requires_grad"]
+    config["targets"] = list(config["targets"])
+    return config
+
+
+def _versions() -> dict[str, str]:
+    from .. import __version__
+
+    return {"workbench": __version__, "torch": torch.__version__, "safetensors": safetensors.__version__,
+            "numpy": np.__version__, "python": platform.python_version()}
+
+
+def _progress_checksum(progress: dict[str, Any]) -> str:
+    body = {key: value for key, value in progress.items() if key != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class Snapshot:
+    """A checkpoint's content in memory, captured at one instant, not yet serialised."""
+
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any] | None
+    progress: dict[str, Any]
+
+    def files(self) -> dict[str, bytes]:
+        """The checkpoint's files as bytes, the progress with every other file's SHA-256 and size."""
+        contents = {MODEL_FILE: _save_tensors(self.model, {"format": "pt"})}
+        if self.optimizer is not None:
+            tensors: dict[str, torch.Tensor] = {}
+
+            def store(path: str, tensor: torch.Tensor) -> str:
+                tensors[path] = tensor
+                return path
+
+            structure = json.dumps(encode(self.optimizer, store))
+            contents[OPTIMIZER_FILE] = _save_tensors(tensors, {"format": "pt", "structure": structure})
+        progress = dict(self.progress)
+        progress["files"] = {
+            name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)} for name, data in contents.items()
+        }
+        progress["checksum"] = _progress_checksum(progress)
+        contents[PROGRESS_FILE] = (json.dumps(progress, indent=1) + "\n").encode()
+        return contents
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    # Tied parameters appear under several names; safetensors stores each storage once.
+    unique: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, tuple[int, ...], tuple[int, ...]], str] = {}
+    for name, tensor in tensors.items():
+        key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+        if tensor.numel() and key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            unique[name] = tensor.contiguous()
+    return save(unique, metadata={**metadata, "aliases": json.dumps(aliases)})
+
+
+def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safetensors.safe_open(path, framework="pt") as file:
+            metadata = file.metadata() or {}
+            tensors = {name: file.get_tensor(name) for name in file.keys()}
+    except Exception as error:  # safetensors raises its own error types for malformed files
+        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
+    for alias, original in json.loads(metadata.get("aliases", "{}")).items():
+        tensors[alias] = tensors[original]
+    return tensors, metadata
+
+
+def capture(
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    metrics: dict[str, float] | None = None,
+    stage: str | None = None,
+    extra: dict[str, Any] | None = None,
+    full: bool = False,
+    copy: bool = False,
+) -> Snapshot:
+    """Everything a checkpoint at ``step`` holds, taken now (RNG states included).
+
+    Args:
+        copy: clone every tensor, so training may go on while the snapshot is written.
+    """
+    metrics = {key: float(value) for key, value in (metrics or {}).items()}
+    tensors = changed_tensors(model, full)
+    optimizer_state = optimizer.state_dict() if optimizer is not None else None
+    if copy:
+        tensors = {name: tensor.clone() for name, tensor in tensors.items()}
+        optimizer_state = _clone_tensors(optimizer_state)
+    progress = {
+        "format": FORMAT,
+        "step": step,
+        "stage": stage,
+        "created": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "metrics": metrics,
+        "lr": [group["lr"] for group in optimizer.param_groups] if optimizer is not None else None,
+        "adapter": _adapter_summary(model),
+        "model_tensors": "full" if full else "trainable",
+        "rng": encode(capture_rng(), tensor_to_json),
+        "extra": encode(extra or {}, tensor_to_json),
+        "versions": _versions(),
+    }
+    return Snapshot(tensors, optimizer_state, progress)
+
+
+def _clone_tensors(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {key: _clone_tensors(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone_tensors(v) for v in value)
+    return value
+
+
+def verify(path: Path) -> dict[str, Any]:
+    """The checkpoint's progress (as stored) after checking every file against its SHA-256.
+
+    Raises:
+        CheckpointError: no such directory, not a checkpoint, a file that should not be there
+            (refused: nothing is loaded), a missing, truncated or corrupted file.
+    """
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint (a checkpoint is a directory)")
+    present = {p.name for p in path.iterdir()}
+    unexpected = sorted(present - set(FILES))
+    if unexpected:
+        raise CheckpointError(
+            f"{path}: refused, it holds {', '.join(unexpected)}; a checkpoint holds only "
+            f"{', '.join(FILES)}, and nothing else is ever loaded"
+        )
+    if PROGRESS_FILE not in present:
+        raise CheckpointError(f"{path}: not a checkpoint ({PROGRESS_FILE} is missing)")
+    progress_path = path / PROGRESS_FILE
+    try:
+        progress = json.loads(progress_path.read_text())
+        stored = progress["checksum"]
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{progress_path}: unreadable (truncated or corrupted JSON)") from None
+    if stored != _progress_checksum(progress):
+        raise CheckpointError(f"{progress_path}: fails its SHA-256 checksum (corrupted)")
+    for name, record in progress["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing")
+        size = file.stat().st_size
+        if size != record["bytes"]:
+            raise CheckpointError(f"{file}: {size} bytes, {record['bytes']} expected (truncated or altered)")
+        if sha256(file) != record["sha256"]:
+            raise CheckpointError(f"{file}: fails its SHA-256 checksum (corrupted)")
+    return progress
+
+
+def _differences(stored: dict[str, Any] | None, current: dict[str, Any] | None) -> list[str]:
+    if stored is None or current is None:
+        if stored == current:
+            return []
+        def describe(config: dict[str, Any] | None) -> str:
+            return "no adapters" if config is None else f"{config['variant']} adapters"
+        return [f"adapters: checkpoint has {describe(stored)}, model has {describe(current)}"]
+    return [
+        f"{key}: checkpoint {stored.get(key)!r}, model {current[key]!r}"
+        for key in ("variant", "rank", "alpha", "targets", "options")
+        if stored.get(key) != current[key]
+    ]
+
+
+def load_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    restore_random: bool = False,
+    verified: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Load the checkpoint at ``path`` into ``model`` (and ``optimizer``); returns its progress.
+
+    Everything is checked before anything is changed: the files' checksums, the adapter
+    configuration, every tensor's name and shape, the optimizer state. On any error the model
+    and optimizer are as they were.
+
+    Args:
+        restore_random: also set the global RNGs to their states at save time (for resuming).
+        verified: ``verify(path)``'s result, when the caller has just checked the files.
+
+    Returns:
+        The progress dict, with ``rng`` and ``extra`` decoded (tensors restored).
+
+    Raises:
+        CheckpointError: what is wrong, naming the file; for another variant, rank or model
+            shape, every difference.
+    """
+    progress = verified if verified is not None else verify(path)
+    differences = _differences(progress.get("adapter"), _adapter_summary(model))
+    model_path = path / MODEL_FILE
+    tensors, _ = _load_tensors(model_path)
+    state = model.state_dict(keep_vars=True)
+    for name, tensor in tensors.items():
+        if name not in state:
+            differences.append(f"{name}: in the checkpoint, not in the model")
+        elif tuple(tensor.shape) != tuple(state[name].shape):
+            shapes = tuple(tensor.shape), tuple(state[name].shape)
+            differences.append(f"{name}: shape {shapes[0]} in the checkpoint, {shapes[1]} in the model")
+    if differences:
+        raise CheckpointError(f"{path}: does not fit this model:\n  " + "\n  ".join(differences))
+
+    if optimizer is not None:
+        optimizer_path = path / OPTIMIZER_FILE
+        if not optimizer_path.is_file():
+            raise CheckpointError(f"{path}: holds no optimizer state ({OPTIMIZER_FILE} is missing)")
+        saved, metadata = _load_tensors(optimizer_path)
+        optimizer_state = decode(json.loads(metadata["structure"]), saved.__getitem__)
+        try:
+            optimizer.load_state_dict(optimizer_state)
+        except (ValueError, KeyError) as error:
+            raise CheckpointError(f"{optimizer_path}: does not fit this optimizer ({error})") from None
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            state[name].copy_(tensor)
+    progress["rng"] = decode(progress["rng"], tensor_from_json)
+    progress["extra"] = decode(progress["extra"], tensor_from_json)
+    if restore_random:
+        restore_rng(progress["rng"])
+    progress["path"] = str(path)
+    return progress
