@@ -10,12 +10,13 @@ Markers (single-key dicts) keep what JSON would lose::
     {"__tensor__": ref}                 a tensor, ref as returned by the store callback
     {"__tuple__": [...]}                a tuple (random.setstate needs tuples)
     {"__dict__": [[key, value], ...]}   a dict whose keys are not all strings (optimizer state)
-    {"__ndarray__": [...], "dtype": s}  a NumPy array (NumPy's RNG state)
+    {"__ndarray__": ref}                a NumPy array (NumPy's RNG state), stored as a tensor
 """
 
 from __future__ import annotations
 
 import base64
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -45,7 +46,7 @@ def encode(value: Any, store: Callable[[str, torch.Tensor], Json], path: str = "
     if isinstance(value, list):
         return [encode(v, store, _join(path, i)) for i, v in enumerate(value)]
     if isinstance(value, np.ndarray):
-        return {"__ndarray__": value.tolist(), "dtype": str(value.dtype)}
+        return {"__ndarray__": store(path, torch.from_numpy(np.ascontiguousarray(value)))}
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, dict):
@@ -69,22 +70,22 @@ def decode(data: Json, load: Callable[[Json], torch.Tensor]) -> Any:
     if "__dict__" in data:
         return {decode(k, load): decode(v, load) for k, v in data["__dict__"]}
     if "__ndarray__" in data:
-        return np.array(data["__ndarray__"], dtype=data["dtype"])
+        return load(data["__ndarray__"]).numpy()
     return {k: decode(v, load) for k, v in data.items()}
 
 
 def tensor_to_json(_: str, tensor: torch.Tensor) -> Json:
-    """A store callback that keeps a (small) tensor inline: dtype, shape and base64 bytes."""
+    """A store callback that keeps a (small) tensor inline: dtype, shape, zlib'd bytes in base64."""
     tensor = tensor.detach().cpu().contiguous()
-    raw = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+    raw = zlib.compress(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return {"dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape),
-            "base64": base64.b64encode(raw).decode("ascii")}
+            "zlib_base64": base64.b64encode(raw).decode("ascii")}
 
 
 def tensor_from_json(ref: Json) -> torch.Tensor:
     """The inverse of ``tensor_to_json``."""
     dtype = getattr(torch, ref["dtype"])
-    raw = bytearray(base64.b64decode(ref["base64"]))
+    raw = bytearray(zlib.decompress(base64.b64decode(ref["zlib_base64"])))
     if not raw:
         return torch.empty(ref["shape"], dtype=dtype)
     return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(ref["shape"]).clone()

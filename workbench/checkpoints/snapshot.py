@@ -67,8 +67,9 @@ def changed_tensors(model: nn.Module, full: bool = False) -> dict[str, torch.Ten
 
 def capture_rng() -> dict[str, Any]:
     """The global RNG states: Python's, NumPy's and torch's (CPU, and CUDA where present)."""
+    version, internal, gauss = random.getstate()
     states: dict[str, Any] = {
-        "python": random.getstate(),
+        "python": {"version": version, "internal": np.array(internal, dtype=np.uint32), "gauss": gauss},
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
     }
@@ -79,7 +80,8 @@ def capture_rng() -> dict[str, Any]:
 
 def restore_rng(states: dict[str, Any]) -> None:
     """Set the global RNGs back to ``capture_rng``'s states."""
-    random.setstate(states["python"])
+    python = states["python"]
+    random.setstate((python["version"], tuple(int(word) for word in python["internal"]), python["gauss"]))
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
