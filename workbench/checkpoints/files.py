@@ -6,20 +6,17 @@ import hashlib
 import os
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable
 from pathlib import Path
 
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".deleted-"
 
 
-def sha256(path: Path, chunk: int = 1 << 20) -> str:
+def sha256(path: Path) -> str:
     """The SHA-256 of a file's bytes, as hex."""
-    digest = hashlib.sha256()
     with open(path, "rb") as file:
-        while block := file.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def fsync_path(path: Path) -> None:
@@ -31,12 +28,12 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_directory(final: Path, files: Mapping[str, bytes]) -> None:
-    """Create directory ``final`` holding ``files`` (name -> content), atomically.
+def write_directory(final: Path, fill: Callable[[Path], None]) -> None:
+    """Create directory ``final`` atomically: ``fill`` writes the files into a hidden temporary sibling.
 
-    The files go into a hidden temporary sibling; each file and the directory are fsync'd,
-    then one rename puts it in place and the parent is fsync'd. After a crash at any instant
-    ``final`` is either absent or complete. On error the temporary directory is removed.
+    Each file and the directory are fsync'd, then one rename puts it in place and the parent is
+    fsync'd. After a crash at any instant ``final`` is either absent or complete. On error the
+    temporary directory is removed.
 
     Raises:
         FileExistsError: ``final`` exists already.
@@ -47,11 +44,9 @@ def write_directory(final: Path, files: Mapping[str, bytes]) -> None:
     tmp = final.parent / f"{TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        for name, content in files.items():
-            with open(tmp / name, "wb") as file:
-                file.write(content)
-                file.flush()
-                os.fsync(file.fileno())
+        fill(tmp)
+        for file in tmp.iterdir():
+            fsync_path(file)
         fsync_path(tmp)
         os.rename(tmp, final)  # atomic on POSIX, and never replaces an existing directory
     except BaseException:

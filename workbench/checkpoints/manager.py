@@ -13,6 +13,7 @@ from typing import Any
 import pandas as pd
 import torch
 from filelock import FileLock, Timeout
+from safetensors import SafetensorError
 from torch import nn
 
 from .files import remove_directory, remove_strays, write_directory
@@ -129,8 +130,8 @@ class CheckpointManager:
 
     def _write(self, snapshot: Snapshot, path: Path) -> None:
         try:
-            write_directory(path, snapshot.files())
-        except OSError as error:
+            write_directory(path, snapshot.write)
+        except (OSError, SafetensorError) as error:  # safetensors reports a failed write as its own error
             raise CheckpointError(f"{path}: could not be written ({error}); earlier checkpoints are intact") from error
         self._prune()
 

@@ -18,6 +18,7 @@ import hashlib
 import json
 import platform
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 import safetensors
 import torch
-from safetensors.torch import save
+from safetensors.torch import save_file
 from torch import nn
 
 from ..adapt import adapter_config
@@ -117,9 +118,9 @@ class Snapshot:
     optimizer: dict[str, Any] | None
     progress: dict[str, Any]
 
-    def files(self) -> dict[str, bytes]:
-        """The checkpoint's files as bytes, the progress with every other file's SHA-256 and size."""
-        contents = {MODEL_FILE: _save_tensors(self.model, {"format": "pt"})}
+    def write(self, directory: Path) -> None:
+        """Write the checkpoint's files into ``directory``; progress.json records the others' SHA-256."""
+        _save_tensors(self.model, directory / MODEL_FILE, {"format": "pt"})
         if self.optimizer is not None:
             tensors: dict[str, torch.Tensor] = {}
 
@@ -128,17 +129,21 @@ class Snapshot:
                 return path
 
             structure = json.dumps(encode(self.optimizer, store))
-            contents[OPTIMIZER_FILE] = _save_tensors(tensors, {"format": "pt", "structure": structure})
+            _save_tensors(tensors, directory / OPTIMIZER_FILE, {"format": "pt", "structure": structure})
         progress = dict(self.progress)
-        progress["files"] = {
-            name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)} for name, data in contents.items()
-        }
+        progress["files"] = _describe([p for p in directory.iterdir()])
         progress["checksum"] = _progress_checksum(progress)
-        contents[PROGRESS_FILE] = (json.dumps(progress, indent=1) + "\n").encode()
-        return contents
+        (directory / PROGRESS_FILE).write_text(json.dumps(progress, indent=1) + "\n")
 
 
-def _save_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+def _describe(files: list[Path]) -> dict[str, dict[str, Any]]:
+    """Each file's SHA-256 and size, hashed in parallel (hashlib releases the GIL)."""
+    with ThreadPoolExecutor(max_workers=len(files) or 1) as pool:
+        digests = dict(zip(files, pool.map(sha256, files), strict=True))
+    return {file.name: {"sha256": digests[file], "bytes": file.stat().st_size} for file in files}
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     # Tied parameters appear under several names; safetensors stores each storage once.
     unique: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
@@ -150,7 +155,7 @@ def _save_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
         else:
             seen[key] = name
             unique[name] = tensor.contiguous()
-    return save(unique, metadata={**metadata, "aliases": json.dumps(aliases)})
+    save_file(unique, path, metadata={**metadata, "aliases": json.dumps(aliases)})
 
 
 def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -247,8 +252,10 @@ def verify(path: Path) -> dict[str, Any]:
         size = file.stat().st_size
         if size != record["bytes"]:
             raise CheckpointError(f"{file}: {size} bytes, {record['bytes']} expected (truncated or altered)")
-        if sha256(file) != record["sha256"]:
-            raise CheckpointError(f"{file}: fails its SHA-256 checksum (corrupted)")
+    actual = _describe([path / name for name in progress["files"]])
+    for name, record in progress["files"].items():
+        if actual[name]["sha256"] != record["sha256"]:
+            raise CheckpointError(f"{path / name}: fails its SHA-256 checksum (corrupted)")
     return progress
 
 
