@@ -48,7 +48,7 @@ def _assert_same_state(a: dict, b: dict) -> None:
 
 def test_checkpoint_holds_trained_tensors_optimizer_and_progress(tmp_path):
     model, optimizer = _trained("lora-plus")
-    manager = wb.CheckpointManager(tmp_path)
+    manager = wb.CheckpointManager(tmp_path, run_config={"task": "regression", "seed": 0})
     path = manager.save(3, model, optimizer, metrics={"val_loss": 0.5}, stage="finetuned", extra={"epoch": 1})
     assert sorted(os.listdir(path)) == ["model.safetensors", "optimizer.safetensors", "progress.json"]
     assert sorted(load_file(path / "model.safetensors")) == [f"{i}.lora_{m}" for i in (0, 2, 4) for m in "AB"]
@@ -57,6 +57,7 @@ def test_checkpoint_holds_trained_tensors_optimizer_and_progress(tmp_path):
     assert progress["adapter"]["variant"] == "lora-plus" and progress["adapter"]["targets"] == ["0", "2", "4"]
     assert set(progress["rng"]) >= {"python", "numpy", "torch"} and {"torch", "safetensors"} <= set(progress["versions"])
     assert set(progress["files"]) == {"model.safetensors", "optimizer.safetensors"}
+    assert progress["run"] == {"task": "regression", "seed": 0}
 
     fresh = wb.add_adapters(mlp(), "lora-plus", 4)
     fresh_optimizer = wb.make_optimizer(fresh, lr=1.0)

@@ -34,6 +34,8 @@ class CheckpointManager:
         mode: ``"min"`` (lower is better, as for a loss) or ``"max"`` (as for an accuracy).
         async_save: write in a background thread: ``save`` copies the tensors and returns at
             once; at most one save is in flight; a failed write raises at the next call.
+        run_config: the run's configuration (task, seed, learning rate, ...), JSON-able; every
+            checkpoint records it beside the adapter configuration it reads off the model.
 
     Retention: with neither ``keep_last`` nor ``keep_best`` set nothing is ever pruned. Otherwise,
     after each save is in place, a checkpoint is deleted unless it is among the newest
@@ -53,6 +55,7 @@ class CheckpointManager:
         monitor: str = "val_loss",
         mode: str = "min",
         async_save: bool = False,
+        run_config: dict[str, Any] | None = None,
     ) -> None:
         for name, value in (("keep_last", keep_last), ("keep_best", keep_best)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -64,6 +67,7 @@ class CheckpointManager:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.keep_last, self.keep_best, self.monitor, self.mode = keep_last, keep_best, monitor, mode
         self.async_save = async_save
+        self.run_config = dict(run_config or {})
         self._lock = FileLock(self.directory / LOCK_FILE, timeout=0)
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future[None] | None = None
@@ -119,7 +123,7 @@ class CheckpointManager:
         path = self.path_for(step)
         if path.exists():
             raise CheckpointError(f"{path}: a checkpoint of step {step} exists already; delete it first")
-        snapshot = capture(step, model, optimizer, metrics, stage, extra, full, copy=self.async_save)
+        snapshot = capture(step, model, optimizer, metrics, stage, extra, full, self.run_config, copy=self.async_save)
         if not self.async_save:
             self._write(snapshot, path)
             return path

@@ -178,11 +178,13 @@ def capture(
     stage: str | None = None,
     extra: dict[str, Any] | None = None,
     full: bool = False,
+    run_config: dict[str, Any] | None = None,
     copy: bool = False,
 ) -> Snapshot:
     """Everything a checkpoint at ``step`` holds, taken now (RNG states included).
 
     Args:
+        run_config: the run's configuration (task, seed, ...), recorded as it is.
         copy: clone every tensor, so training may go on while the snapshot is written.
     """
     metrics = {key: float(value) for key, value in (metrics or {}).items()}
@@ -199,6 +201,7 @@ def capture(
         "metrics": metrics,
         "lr": [group["lr"] for group in optimizer.param_groups] if optimizer is not None else None,
         "adapter": _adapter_summary(model),
+        "run": run_config or {},
         "model_tensors": "full" if full else "trainable",
         "rng": encode(capture_rng(), tensor_to_json),
         "extra": encode(extra or {}, tensor_to_json),
