@@ -46,6 +46,12 @@ def adapter_config(model: nn.Module) -> AdapterConfig:
     return config
 
 
+def refuse_adapted(model: nn.Module) -> None:
+    """Raise ``ValueError`` if ``model`` has adapters already: a model is adapted once."""
+    if getattr(model, _CONFIG, None) is not None or any(True for _ in adapter_layers(model)):
+        raise ValueError("the model already has adapters; call wb.remove_adapters(model) before adding new ones")
+
+
 def add_adapters(
     model: nn.Module,
     variant: str,
@@ -77,8 +83,7 @@ def add_adapters(
         ValueError: unknown variant or option, invalid rank, alpha or option value, targets that
             match nothing, or a model that already has adapters. The model is then unchanged.
     """
-    if getattr(model, _CONFIG, None) is not None or any(True for _ in adapter_layers(model)):
-        raise ValueError("the model already has adapters; call wb.remove_adapters(model) before adding new ones")
+    refuse_adapted(model)
     spec = get_variant(variant)
     if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
         raise ValueError(f"rank must be an integer >= 1, not {rank!r}")

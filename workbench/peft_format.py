@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapt import adapter_config, add_adapters, remove_adapters
+from .adapt import adapter_config, add_adapters, refuse_adapted, remove_adapters
 from .adapters import adapter_layers, get_variant, is_supported, linear_shape
 from .adapters.layer import _is_conv1d
 
@@ -188,6 +188,7 @@ def import_peft(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Modul
         ValueError: not a peft directory, a pickle-only adapter, an adapter type or feature this
             library does not have, or tensors that do not fit the model. The model is then unchanged.
     """
+    refuse_adapted(model)
     directory = Path(directory)
     config, tensors = _read_adapter(directory)
     rank = int(config["r"])

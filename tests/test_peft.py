@@ -1,0 +1,217 @@
+"""Parity with peft's own LoRA and VeRA layers, and the adapter format both ways."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, VeraConfig, get_peft_model
+from torch import nn
+from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, LlamaConfig, LlamaModel
+
+import workbench as wb
+
+
+def plain() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 24), nn.Tanh(), nn.Linear(24, 8))
+
+
+def bert() -> nn.Module:
+    torch.manual_seed(0)
+    return BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+
+def gpt2() -> nn.Module:
+    torch.manual_seed(0)
+    return GPT2Model(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=16,
+                                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+
+def llama() -> nn.Module:
+    torch.manual_seed(0)
+    return LlamaModel(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2))
+
+
+IDS = torch.randint(0, 50, (2, 10), generator=torch.Generator().manual_seed(0))
+X = torch.randn(6, 12, generator=torch.Generator().manual_seed(0))
+MODELS = {  # builder, targets, input, output reader
+    "plain": (plain, ["0", "2"], X, lambda out: out),
+    "bert": (bert, ["query", "value"], IDS, lambda out: out.last_hidden_state),
+    "gpt2": (gpt2, ["c_attn", "c_proj"], IDS, lambda out: out.last_hidden_state),
+    "llama": (llama, ["q_proj", "v_proj"], IDS, lambda out: out.last_hidden_state),
+}
+
+
+def _peft_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """peft's adapted layers by the name the base model gives them."""
+    prefix = "base_model.model."
+    return {name[len(prefix):]: m for name, m in model.named_modules()
+            if name.startswith(prefix) and (hasattr(m, "lora_A") or hasattr(m, "vera_lambda_b")) and hasattr(m, "base_layer")}
+
+
+def _randomise_both(ours: nn.Module, theirs: nn.Module, variant: str) -> None:
+    """The same non-zero adapter values in both (B and lambda_b start at zero)."""
+    generator = torch.Generator().manual_seed(5)
+    peft_layers = _peft_layers(theirs)
+    layers = dict(wb.adapter_layers(ours))
+    assert layers.keys() == peft_layers.keys()
+    with torch.no_grad():
+        for name, layer in layers.items():
+            other = peft_layers[name]
+            if variant == "lora":
+                for mine, peft_param in ((layer.lora_A, other.lora_A["default"].weight),
+                                         (layer.lora_B, other.lora_B["default"].weight)):
+                    value = torch.randn(mine.shape, generator=generator) * 0.2
+                    mine.copy_(value)
+                    peft_param.copy_(value)
+            else:
+                for mine, peft_param in ((layer.vera_lambda_b, other.vera_lambda_b["default"]),
+                                         (layer.vera_lambda_d, other.vera_lambda_d["default"])):
+                    value = torch.randn(mine.shape, generator=generator)
+                    mine.copy_(value)
+                    peft_param.copy_(value)
+
+
+CASES = [(m, "lora", {}) for m in MODELS] + [
+    ("plain", "lora", {"rslora": True}), ("bert", "lora", {"alpha": 24}), *((m, "vera", {}) for m in MODELS)
+]
+
+
+@pytest.mark.parametrize(("layout", "variant", "extra"), CASES, ids=[f"{m}-{v}-{e}" for m, v, e in CASES])
+def test_outputs_and_gradients_equal_peft(layout, variant, extra):
+    build, targets, inputs, read = MODELS[layout]
+    ours = build().eval()
+    if variant == "lora":
+        alpha = extra.get("alpha", 8)
+        wb.add_adapters(ours, "lora", 4, alpha=alpha, targets=targets, rslora=extra.get("rslora", False))
+        config = LoraConfig(r=4, lora_alpha=alpha, target_modules=targets, use_rslora=extra.get("rslora", False))
+    else:
+        wb.add_adapters(ours, "vera", 4, targets=targets, projection_seed=3)
+        config = VeraConfig(r=4, target_modules=targets, projection_prng_key=3)
+    theirs = get_peft_model(build().eval(), config)
+    if variant == "vera":  # the shared projections are regenerated from the same seed, not copied
+        first = next(layer for _, layer in wb.adapter_layers(ours))
+        torch.testing.assert_close(first.vera_A, theirs.base_model.vera_A["default"], rtol=0, atol=0)
+        torch.testing.assert_close(first.vera_B, theirs.base_model.vera_B["default"], rtol=0, atol=0)
+    _randomise_both(ours, theirs, variant)
+
+    out_ours, out_theirs = read(ours(inputs)), read(theirs(inputs))
+    torch.testing.assert_close(out_ours, out_theirs, rtol=1e-5, atol=1e-6)
+    out_ours.pow(2).sum().backward()
+    out_theirs.pow(2).sum().backward()
+    peft_layers = _peft_layers(theirs)
+    for name, layer in wb.adapter_layers(ours):
+        for attribute, param in layer.adapter_params().items():
+            if variant == "lora":
+                peft_param = getattr(peft_layers[name], attribute)["default"].weight
+            else:
+                peft_param = getattr(peft_layers[name], attribute)["default"]
+            torch.testing.assert_close(param.grad, peft_param.grad, rtol=1e-4, atol=1e-6)
+
+
+def _train_a_little(model: nn.Module, inputs, read) -> None:
+    optimizer = wb.make_optimizer(model, lr=0.05)
+    for _ in range(3):
+        read(model(inputs)).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+EXPORTS = [(v, "plain") for v in wb.VARIANTS] + [("lora", "gpt2"), ("vera", "gpt2"), ("lora-plus", "llama"),
+                                                 ("vera", "bert")]
+
+
+@pytest.mark.parametrize(("variant", "layout"), EXPORTS, ids=[f"{v}-{m}" for v, m in EXPORTS])
+def test_export_loads_in_peft_with_the_same_outputs(variant, layout, tmp_path):
+    build, targets, inputs, read = MODELS[layout]
+    model = wb.add_adapters(build().eval(), variant, 4, targets=targets)
+    _train_a_little(model, inputs, read)
+    model.eval()
+    expected = read(model(inputs))
+    if variant == "delta-lora":
+        with pytest.warns(UserWarning, match=r"Delta-LoRA, which also moved the base weights"):
+            wb.export_peft(model, tmp_path)
+        assert "moved the base weights" in (tmp_path / "README.md").read_text()
+        base = copy.deepcopy(model)
+        wb.remove_adapters(base)  # the moved base weights, without the adapter: what peft must be given
+    else:
+        wb.export_peft(model, tmp_path)
+        base = build().eval()
+    loaded = PeftModel.from_pretrained(base, tmp_path).eval()
+    torch.testing.assert_close(read(loaded(inputs)), expected, rtol=1e-5, atol=1e-6)
+    peft_type = json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"]
+    assert peft_type == ("VERA" if variant == "vera" else "LORA")
+
+
+@pytest.mark.parametrize("variant", ["lora", "vera"])
+@pytest.mark.parametrize("layout", ["plain", "gpt2"])
+def test_import_of_a_peft_adapter_gives_peft_outputs(variant, layout, tmp_path):
+    build, targets, inputs, read = MODELS[layout]
+    config = (LoraConfig(r=4, lora_alpha=16, target_modules=targets, init_lora_weights=False) if variant == "lora"
+              else VeraConfig(r=4, target_modules=targets, projection_prng_key=7))
+    peft_model = get_peft_model(build().eval(), config)
+    if variant == "vera":
+        with torch.no_grad():
+            for layer in _peft_layers(peft_model).values():
+                layer.vera_lambda_b["default"].normal_()
+    peft_model.save_pretrained(tmp_path)
+    expected = read(peft_model(inputs))
+    model = wb.import_peft(build().eval(), tmp_path)
+    assert wb.adapter_config(model).variant == variant
+    torch.testing.assert_close(read(model(inputs)), expected, rtol=1e-5, atol=1e-6)
+
+
+def _peft_lora_dir(tmp_path):
+    peft_model = get_peft_model(plain(), LoraConfig(r=4, target_modules=["0", "2"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def _edit_config(path, **changes):
+    config = json.loads((path / "adapter_config.json").read_text())
+    config.update(changes)
+    (path / "adapter_config.json").write_text(json.dumps(config))
+
+
+def _replace_weights(path, transform):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path / "adapter_model.safetensors")
+    save_file(transform(tensors), path / "adapter_model.safetensors")
+
+
+REFUSALS = [
+    (lambda p: (p / "adapter_config.json").unlink(), r"not a peft adapter directory: adapter_config.json is missing"),
+    (lambda p: ((p / "adapter_model.safetensors").rename(p / "adapter_model.bin")),
+     r"only adapter_model.bin, a pickle, which is never loaded"),
+    (lambda p: _edit_config(p, peft_type="IA3"), r"peft_type 'IA3' .* is not supported; valid: LORA, VERA"),
+    (lambda p: _edit_config(p, use_dora=True), r"use_dora=True is not supported"),
+    (lambda p: _replace_weights(p, lambda t: {k: torch.zeros(v.shape[0], v.shape[1] + 1) for k, v in t.items()}),
+     r"has shape .* but the model's '0' needs"),
+    (lambda p: _replace_weights(p, lambda t: {k.replace("model.2.", "model.9."): v for k, v in t.items()}),
+     r"adapts '9', which the model has no linear layer for"),
+]
+
+
+@pytest.mark.parametrize(("damage", "message"), REFUSALS,
+                         ids=["no-config", "pickle-only", "other-type", "dora", "bad-shape", "unknown-module"])
+def test_import_refusals_leave_the_model_unchanged(damage, message, tmp_path):
+    damage(_peft_lora_dir(tmp_path))
+    model = plain()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        wb.import_peft(model, tmp_path)
+    assert not list(wb.adapter_layers(model))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_import_onto_an_adapted_model_is_refused(tmp_path):
+    model = wb.add_adapters(plain(), "lora", 2)
+    with pytest.raises(ValueError, match=r"already has adapters"):
+        wb.import_peft(model, _peft_lora_dir(tmp_path))
