@@ -48,7 +48,8 @@ def save_and_load(repeats: int) -> None:
     _step(model, optimizer, torch.randint(0, 8000, (2, 16)))
     state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     print(f"\n1. save / load: full model + AdamW state, {state_bytes / 2**20:.0f} MiB of model tensors")
-    times: dict[str, list[float]] = {k: [] for k in ("wb save", "torch.save", "torch.save+fsync", "wb load", "torch.load")}
+    labels = ("wb save", "torch.save", "torch.save+fsync", "wb load", "torch.load")
+    times: dict[str, list[float]] = {k: [] for k in labels}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(repeats):
             manager = wb.CheckpointManager(Path(tmp) / f"wb{repeat}")
@@ -80,7 +81,8 @@ def save_and_load(repeats: int) -> None:
         print(f"   {label:<18} {value * 1000:8.1f} ms (median of {repeats})")
     print(f"   ratio save wb / torch.save       {median['wb save'] / median['torch.save']:.2f}")
     print(f"   ratio save wb / torch.save+fsync {median['wb save'] / median['torch.save+fsync']:.2f}")
-    print(f"   ratio load wb / torch.load       {median['wb load'] / median['torch.load']:.2f}  (wb also checks SHA-256)")
+    print(f"   ratio load wb / torch.load       {median['wb load'] / median['torch.load']:.2f}"
+          "  (wb also checks SHA-256)")
 
 
 def size() -> None:
@@ -94,7 +96,8 @@ def size() -> None:
         files = {file.name: file.stat().st_size for file in path.iterdir()}
     total = sum(files.values())
     print("\n2. size: lora r=8 on RoBERTa-base (query, value), checkpoint without optimizer")
-    print(f"   trainable tensors {raw:,} bytes; checkpoint {total:,} bytes ({', '.join(f'{k} {v:,}' for k, v in files.items())})")
+    parts = ", ".join(f"{k} {v:,}" for k, v in files.items())
+    print(f"   trainable tensors {raw:,} bytes; checkpoint {total:,} bytes ({parts})")
     print(f"   ratio {total / raw:.4f}; goal 1.01 x + 16 KiB = {1.01 * raw + 16384:,.0f} bytes: "
           f"{'met' if total <= 1.01 * raw + 16384 else 'missed'}")
 
@@ -119,8 +122,8 @@ def training_cost(steps: int, every: int) -> None:
                     times[mode].append(time.perf_counter() - start)
         base = min(times["none"])
         what = "every tensor (full=True)" if full else "adapter + optimizer"
-        print(f"   {what}: no checkpoints {base:.2f} s; "
-              f"sync +{(min(times['sync']) / base - 1) * 100:.1f}%; async +{(min(times['async']) / base - 1) * 100:.1f}%")
+        sync, async_ = ((min(times[mode]) / base - 1) * 100 for mode in ("sync", "async"))
+        print(f"   {what}: no checkpoints {base:.2f} s; sync +{sync:.1f}%; async +{async_:.1f}%")
 
 
 def main() -> None:
