@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m workbench demo
+	$(PY) -m workbench experiment
 
 test: $(STAMP)
 	$(PY) -m ruff check workbench tests benchmarks

@@ -3,6 +3,7 @@
 The public face: ``import workbench as wb``.
 """
 
+from . import plots, tasks
 from .adapt import (
     AdapterConfig,
     adapter_config,
@@ -17,6 +18,20 @@ from .checkpoints import CheckpointError, CheckpointManager
 from .memory import SavedTensors, saved_activations
 from .optim import make_optimizer
 from .peft_format import export_peft, import_peft
+from .report import write_report
+from .runs import (
+    Run,
+    best_checkpoint,
+    evaluate_checkpoints,
+    export_checkpoint,
+    load_metrics,
+    load_run_model,
+    load_runs,
+    train,
+)
+from .sweep import sweep
+from .tasks import Task
+from .trainer import Callback, Trainer, evaluate
 
 __version__ = "0.1.0"
 
@@ -24,18 +39,34 @@ __all__ = [
     "VARIANTS",
     "AdapterConfig",
     "AdapterLayer",
+    "Callback",
     "CheckpointError",
     "CheckpointManager",
+    "Run",
     "SavedTensors",
+    "Task",
+    "Trainer",
     "adapter_config",
     "adapter_layers",
     "add_adapters",
+    "best_checkpoint",
+    "evaluate",
+    "evaluate_checkpoints",
+    "export_checkpoint",
     "export_peft",
     "import_peft",
+    "load_metrics",
+    "load_run_model",
+    "load_runs",
     "make_optimizer",
     "merge_adapters",
+    "plots",
     "remove_adapters",
     "saved_activations",
+    "sweep",
+    "tasks",
+    "train",
     "trainable_parameters",
     "unmerge_adapters",
+    "write_report",
 ]

@@ -1,25 +1,186 @@
-"""The ``workbench`` command line."""
+"""The ``workbench`` command line: train, sweep, runs, best, export, report, and the default experiment."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .adapters import VARIANTS
+from .checkpoints import CheckpointError
+from .report import write_report
+from .runs import best_checkpoint, export_checkpoint, load_runs, train
+from .sweep import sweep
+from .tasks import TASKS
+
+# Variant options as flags: (flag, option name, type, help). Given only when set, so a flag that
+# the chosen variant does not have is refused by add_adapters with the valid options named.
+OPTION_FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
+    ("--dropout", "dropout", float, "dropout on the adapter path (lora, lora-fa, lora-plus, vera)"),
+    ("--lr-ratio", "lr_ratio", float, "LoRA+: B's learning rate over A's (default 16)"),
+    ("--delta-lambda", "delta_lambda", float, "Delta-LoRA: lambda (default 0.5)"),
+    ("--delta-start", "delta_start", int, "Delta-LoRA: plain LoRA steps before W moves (default 0)"),
+    ("--d-initial", "d_initial", float, "VeRA: initial value of d (default 0.1)"),
+    ("--projection-seed", "projection_seed", int, "VeRA: seed of the shared random projections (default 0)"),
+]
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, not {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, not {text}")
+    return value
+
+
+def _list_of(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    def parse(text: str) -> list[Any]:
+        return [kind(item) for item in text.split(",") if item]
+
+    return parse
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", default="digits", choices=sorted(TASKS), help="built-in task (default digits)")
+    parser.add_argument("--steps", type=_positive_int, default=300, help="optimizer steps per run (default 300)")
+    parser.add_argument("--alpha", type=_positive_float, help="LoRA alpha (default: the rank; vera has none)")
+    parser.add_argument("--targets", type=_list_of(str), help="comma-separated module names, suffixes or regexes")
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd"])
+    parser.add_argument("--eval-every", type=_positive_int, default=50, help="validate every K steps (default 50)")
+    parser.add_argument("--save-every", type=_positive_int, default=50, help="checkpoint every K steps (default 50)")
+    parser.add_argument("--keep-last", type=_positive_int, help="keep the newest K checkpoints (default all)")
+    parser.add_argument("--keep-best", type=_positive_int, help="keep the K best checkpoints by --monitor")
+    parser.add_argument("--monitor", default="val_loss", choices=["val_loss", "val_acc"])
+    parser.add_argument("--rslora", action="store_true", default=None, help="scale by alpha / sqrt(r)")
+    for flag, _, kind, help_text in OPTION_FLAGS:
+        parser.add_argument(flag, type=kind, help=help_text)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _run_settings(args: argparse.Namespace) -> dict[str, Any]:
+    settings = {
+        "alpha": args.alpha, "targets": args.targets, "optimizer": args.optimizer,
+        "eval_every": args.eval_every, "save_every": args.save_every, "keep_last": args.keep_last,
+        "keep_best": args.keep_best, "monitor": args.monitor, "mode": "max" if args.monitor == "val_acc" else "min",
+        "progress_bar": not args.quiet,
+    }
+    options = {name: getattr(args, name) for _, name, _, _ in OPTION_FLAGS if getattr(args, name) is not None}
+    if args.rslora:
+        options["rslora"] = True
+    return settings | options
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one line on stderr and exit status 2, no usage block and no traceback."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="workbench", description="Low-rank adaptation experiments: train, "
+                                     "compare and keep the best checkpoint.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    experiment = commands.add_parser("experiment", help="the default experiment: sweep every variant at ranks 2 "
+                                     "and 8 on digits, write the report, print the runs and the best checkpoint")
+    experiment.add_argument("--out", type=Path, default=Path("runs"), help="runs directory (default runs)")
+    experiment.add_argument("--steps", type=_positive_int, default=300)
+    experiment.add_argument("--report", type=Path, default=Path("report.html"), help="(default report.html)")
+
+    one = commands.add_parser("train", help="train one run")
+    one.add_argument("--variant", required=True, choices=VARIANTS)
+    one.add_argument("--rank", required=True, type=_positive_int)
+    one.add_argument("--out", required=True, type=Path, help="the run directory")
+    one.add_argument("--lr", type=_positive_float, default=3e-3, help="learning rate (default 0.003)")
+    one.add_argument("--seed", type=int, default=0)
+    one.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    _add_run_options(one)
+
+    many = commands.add_parser("sweep", help="one run per variant x rank x lr x seed")
+    many.add_argument("--variants", type=_list_of(str), default=list(VARIANTS), help="comma-separated (default all)")
+    many.add_argument("--ranks", type=_list_of(_positive_int), default=[2, 8], help="comma-separated (default 2,8)")
+    many.add_argument("--lrs", type=_list_of(_positive_float), default=[3e-3], help="comma-separated (default 0.003)")
+    many.add_argument("--seeds", type=_list_of(int), default=[0], help="comma-separated (default 0)")
+    many.add_argument("--search", choices=["grid", "random"], default="grid")
+    many.add_argument("--trials", type=_positive_int, help="how many trials a random search draws")
+    many.add_argument("--out", required=True, type=Path, help="the runs directory")
+    _add_run_options(many)
+
+    runs = commands.add_parser("runs", help="print the runs table")
+    runs.add_argument("directory", type=Path)
+
+    best = commands.add_parser("best", help="print the path of the best checkpoint (by validation)")
+    best.add_argument("directory", type=Path, help="a run or a runs directory")
+    best.add_argument("--metric", default="val_loss", choices=["val_loss", "val_acc"])
+    best.add_argument("--mode", choices=["min", "max"], help="default: min for val_loss, max for val_acc")
+
+    export = commands.add_parser("export", help="export a checkpoint as an adapter (PEFT format)")
+    export.add_argument("checkpoint", type=Path)
+    export.add_argument("--format", default="peft", choices=["peft"])
+    export.add_argument("--to", required=True, type=Path, help="the adapter directory to write")
+
+    report = commands.add_parser("report", help="write a standalone HTML report of the runs")
+    report.add_argument("directory", type=Path)
+    report.add_argument("--to", type=Path, default=Path("report.html"))
+    return parser
+
+
+def _print_table(table: pd.DataFrame) -> None:
+    columns = ["run", "variant", "rank", "trainable", "best_value", "best_step", "test_acc", "wall_time", "status"]
+    shown = table[[c for c in columns if c in table]]
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}") if len(shown) else "no runs")
+
+
+def _experiment(args: argparse.Namespace) -> None:
+    table = sweep("digits", VARIANTS, [2, 8], args.steps, args.out, lrs=[1e-2], progress_bar=False)
+    write_report(args.out, args.report)
+    _print_table(table)
+    print(f"\nreport: {args.report}")
+    print(f"best checkpoint (val_loss): {best_checkpoint(args.out)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="workbench", description="Low-rank adaptation experiments.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="adapt a digits classifier to mirrored digits with every variant")
-    demo.add_argument("--rank", type=int, default=4, help="adapter rank (default 4)")
-    demo.add_argument("--steps", type=int, default=300, help="training steps per variant (default 300)")
-    demo.add_argument("--seed", type=int, default=0)
+    # torchdata's loader calls an API torch deprecated; the warning says nothing about the user's run.
+    warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+    parser = build_parser()
     args = parser.parse_args(argv)
-
-    if args.command == "demo":
-        from .demo import run_demo
-
-        try:
-            run_demo(rank=args.rank, steps=args.steps, seed=args.seed)
-        except ValueError as error:
-            parser.error(str(error))
+    try:
+        if args.command == "experiment":
+            _experiment(args)
+        elif args.command == "train":
+            train(args.task, args.variant, args.rank, args.out, steps=args.steps, lr=args.lr, seed=args.seed,
+                  resume=args.resume, **_run_settings(args))
+            _print_table(load_runs(args.out))
+        elif args.command == "sweep":
+            table = sweep(args.task, args.variants, args.ranks, args.steps, args.out, lrs=args.lrs, seeds=args.seeds,
+                          search=args.search, trials=args.trials, **_run_settings(args))
+            _print_table(table)
+        elif args.command == "runs":
+            _print_table(load_runs(args.directory))
+        elif args.command == "best":
+            mode = args.mode or ("max" if args.metric == "val_acc" else "min")
+            print(best_checkpoint(args.directory, args.metric, mode))
+        elif args.command == "export":
+            print(export_checkpoint(args.checkpoint, args.to, args.format))
+        elif args.command == "report":
+            print(write_report(args.directory, args.to))
+    except (ValueError, CheckpointError) as error:
+        message = " ".join(str(error).split())  # one line, even for multi-line messages
+        parser.exit(2, f"workbench: error: {message}\n")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

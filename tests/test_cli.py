@@ -1,0 +1,128 @@
+"""The command line: exact resume after SIGKILL, the commands end to end, every bad-argument path."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import workbench as wb
+from workbench.cli import main
+
+
+@pytest.fixture
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.getbasetemp() / "cache")
+
+
+def _cli(*args: str, cache: str) -> subprocess.Popen:
+    env = {**os.environ, "WORKBENCH_CACHE": cache}
+    return subprocess.Popen([sys.executable, "-m", "workbench", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _entries(run) -> list[tuple]:
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(e["step"], e["split"], e["metric"], e["value"]) for e in lines]
+
+
+def test_train_resumes_exactly_after_sigkill(tmp_path, cache):
+    train = ["train", "--task", "digits", "--variant", "lora", "--rank", "4", "--steps", "1500", "--lr", "0.01",
+             "--dropout", "0.1", "--eval-every", "100", "--save-every", "100", "--keep-last", "2", "--quiet"]
+    straight = _cli(*train, "--out", str(tmp_path / "straight"), cache=cache)
+    assert straight.wait(timeout=300) == 0, straight.stderr.read()
+
+    run = tmp_path / "killed"
+    job = _cli(*train, "--out", str(run), cache=cache)
+    while not (run / "checkpoints" / "step-00000500").exists():
+        assert job.poll() is None, job.stderr.read()
+        time.sleep(0.002)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    assert json.loads((run / "config.json").read_text())["status"] == "running"  # it really died mid-run
+    resumed = _cli(*train, "--out", str(run), "--resume", cache=cache)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+
+    assert _entries(run) == _entries(tmp_path / "straight")
+    final = "checkpoints/step-00001500"
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        a, b = load_file(run / final / name), load_file(tmp_path / "straight" / final / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert wb.load_runs(run).loc[0, "status"] == "finished"
+
+
+def test_commands_end_to_end(tmp_path, cache, capsys, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_CACHE", cache)
+    runs = tmp_path / "runs"
+    assert main(["sweep", "--variants", "lora,vera", "--ranks", "2", "--steps", "40", "--eval-every", "20",
+                 "--save-every", "20", "--out", str(runs), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "lora-r2-lr0.003-s0" in out and "vera-r2-lr0.003-s0" in out
+
+    assert main(["best", str(runs)]) == 0
+    best = capsys.readouterr().out.strip()
+    assert best == str(wb.best_checkpoint(runs))
+
+    assert main(["export", best, "--to", str(tmp_path / "adapter")]) == 0
+    capsys.readouterr()
+    assert sorted(os.listdir(tmp_path / "adapter")) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+
+    assert main(["report", str(runs), "--to", str(tmp_path / "report.html")]) == 0
+    html = (tmp_path / "report.html").read_text()
+    assert all(name in html for name in wb.load_runs(runs)["run"])
+
+    assert main(["runs", str(runs)]) == 0
+    assert capsys.readouterr().out.count("finished") == 2
+
+
+BAD = [
+    ([], r"the following arguments are required: COMMAND"),
+    (["fly"], r"invalid choice: 'fly'"),
+    (["train", "--rank", "4", "--out", "x"], r"the following arguments are required: --variant"),
+    (["train", "--variant", "dora", "--rank", "4", "--out", "x"], r"argument --variant: invalid choice: 'dora'"),
+    (["train", "--variant", "lora", "--rank", "0", "--out", "x"], r"argument --rank: must be an integer >= 1, not 0"),
+    (["train", "--variant", "lora", "--rank", "two", "--out", "x"], r"argument --rank: invalid _positive_int value|argument --rank"),
+    (["train", "--variant", "lora", "--rank", "4", "--out", "x", "--steps", "-5"], r"argument --steps: must be an integer >= 1"),
+    (["train", "--variant", "lora", "--rank", "4", "--out", "x", "--lr", "0"], r"argument --lr: must be a number > 0"),
+    (["train", "--variant", "lora", "--rank", "4", "--out", "x", "--task", "mnist"], r"argument --task: invalid choice: 'mnist'"),
+    (["train", "--variant", "lora", "--rank", "4", "--out", "{tmp}/r", "--lr-ratio", "4"],
+     r"unknown option 'lr_ratio' for variant 'lora'; valid options: dropout, rslora"),
+    (["train", "--variant", "lora", "--rank", "99", "--out", "{tmp}/r"], r"rank 99 is larger than layer"),
+    (["sweep", "--variants", "lora,dora", "--out", "{tmp}/s"], r"unknown variant 'dora'; valid variants: lora, lora-fa"),
+    (["sweep", "--search", "random", "--out", "{tmp}/s"], r"a random search needs trials"),
+    (["runs", "{tmp}/nowhere"], r"nowhere: no such directory"),
+    (["best", "{tmp}"], r"no checkpoint under .* records val_loss"),
+    (["export", "{tmp}/nothing", "--to", "{tmp}/a"], r"is not a checkpoint of a run directory"),
+    (["export", "{tmp}/c", "--format", "onnx", "--to", "{tmp}/a"], r"argument --format: invalid choice: 'onnx'"),
+    (["report", "{tmp}/nowhere"], r"nowhere: no such directory"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD, ids=[" ".join(a)[:50] or "nothing" for a, _ in BAD])
+def test_bad_arguments_give_one_line_and_status_2(argv, message, tmp_path, cache, capsys, monkeypatch):
+    import re
+
+    monkeypatch.setenv("WORKBENCH_CACHE", cache)
+    with pytest.raises(SystemExit) as exit_:
+        main([arg.replace("{tmp}", str(tmp_path)) for arg in argv])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("workbench") and "Traceback" not in err
+    assert re.search(message, err), err
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--variant", "--rank", "--out", "--alpha", "--lr", "--lr-ratio", "--seed", "--eval-every",
+                 "--save-every", "--keep-last", "--keep-best", "--monitor", "--resume", "--delta-lambda", "--d-initial"):
+        assert flag in text

@@ -1,0 +1,204 @@
+"""Figures of runs: plain functions from the runs and metrics tables to plotly figures.
+
+The only module that builds figures. Each function takes a table that ``load_runs`` (one row per
+run) or ``load_metrics`` (long format: run, step, split, metric, value) returns, checks that it
+has the columns the figure needs, and returns a ``go.Figure``; the HTML report, the notebook
+panels and notebooks all draw with these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.colors import qualitative
+
+from .adapters import VARIANTS
+
+METRICS_COLUMNS = ("run", "step", "split", "metric", "value")
+PALETTE = qualitative.Plotly
+TEMPLATE = "plotly_white"
+
+
+def require_columns(table: pd.DataFrame, columns: Sequence[str], what: str) -> None:
+    """Raise ``ValueError`` naming the ``columns`` that ``table`` (called ``what`` in the message) lacks."""
+    missing = [column for column in columns if column not in table.columns]
+    if missing:
+        raise ValueError(f"{what} lacks the column(s) {', '.join(missing)}; it needs {', '.join(columns)}")
+
+
+def metric_mode(metric: str) -> str:
+    """``"max"`` for an accuracy (a name ending in ``acc``), ``"min"`` for a loss or anything else."""
+    return "max" if metric.endswith("acc") else "min"
+
+
+def variant_color(variant: str) -> str:
+    """The colour of a registered variant, the same in every figure; one more colour for any other."""
+    index = VARIANTS.index(variant) if variant in VARIANTS else len(VARIANTS)
+    return PALETTE[index % len(PALETTE)]
+
+
+def _variant_order(variants: pd.Series) -> list[str]:
+    present = set(variants)
+    return [v for v in VARIANTS if v in present] + sorted(present - set(VARIANTS))
+
+
+def _series(metrics: pd.DataFrame, split: str, metric: str, runs: Sequence[str] | None) -> pd.DataFrame:
+    """The rows of one logged series (``split``, ``metric``) of the chosen runs, by run and step."""
+    require_columns(metrics, METRICS_COLUMNS, "metrics")
+    rows = metrics[(metrics["split"] == split) & (metrics["metric"] == metric)]
+    if runs is not None:
+        rows = rows[rows["run"].isin(list(runs))]
+    return rows.sort_values(["run", "step"], kind="stable")
+
+
+def validation_curves(
+    metrics: pd.DataFrame,
+    metric: str = "loss",
+    split: str = "val",
+    runs: Sequence[str] | None = None,
+    checkpoints: pd.DataFrame | None = None,
+) -> go.Figure:
+    """One line per run: the logged ``split`` ``metric`` (default the validation loss) against the step.
+
+    Args:
+        metrics: ``load_metrics``' table: run, step, split, metric, value.
+        metric: the metric's logged name, e.g. ``"loss"`` or ``"acc"``.
+        split: ``"val"`` (every evaluation), or ``"train"``.
+        runs: the runs to draw, by name; default all.
+        checkpoints: a table with columns run and step; each run's line gets a marker at each of
+            its checkpoint steps where the metric was logged. Example: every run's
+            ``CheckpointManager(...).list()`` with a run column added.
+
+    Raises:
+        ValueError: a table lacks a column it needs (named in the message).
+    """
+    series = _series(metrics, split, metric, runs)
+    if checkpoints is not None:
+        require_columns(checkpoints, ("run", "step"), "checkpoints")
+    label = f"{split} {metric}"
+    figure = go.Figure()
+    for index, (run, points) in enumerate(series.groupby("run", sort=True)):
+        color = PALETTE[index % len(PALETTE)]
+        figure.add_trace(go.Scatter(
+            x=points["step"], y=points["value"], mode="lines", name=run, legendgroup=run, line={"color": color},
+            hovertemplate=f"%{{fullData.name}}<br>step %{{x}}<br>{label} %{{y:.4g}}<extra></extra>",
+        ))
+        if checkpoints is not None:
+            saved = points[points["step"].isin(checkpoints.loc[checkpoints["run"] == run, "step"])]
+            figure.add_trace(go.Scatter(
+                x=saved["step"], y=saved["value"], mode="markers", name=f"{run} checkpoints", legendgroup=run,
+                showlegend=False, marker={"color": color, "size": 8},
+                hovertemplate=f"%{{fullData.name}}<br>step %{{x}}<br>{label} %{{y:.4g}}<extra></extra>",
+            ))
+    title = f"{label.capitalize()} against step" + (" (markers: checkpoints)" if checkpoints is not None else "")
+    figure.update_layout(title=title, xaxis_title="step", yaxis_title=label, legend_title_text="run",
+                         template=TEMPLATE)
+    return figure
+
+
+def training_loss(metrics: pd.DataFrame, runs: Sequence[str] | None = None, smooth: int = 20) -> go.Figure:
+    """One line per run: the training loss against the step, a trailing mean over ``smooth`` logged steps.
+
+    Args:
+        metrics: ``load_metrics``' table: run, step, split, metric, value.
+        runs: the runs to draw, by name; default all.
+        smooth: the window of the moving mean, in logged steps; 1 draws the raw losses.
+
+    Raises:
+        ValueError: ``metrics`` lacks a column, or ``smooth`` is not an integer >= 1.
+    """
+    if not isinstance(smooth, int) or isinstance(smooth, bool) or smooth < 1:
+        raise ValueError(f"smooth must be an integer >= 1 (1: no smoothing), not {smooth!r}")
+    series = _series(metrics, "train", "loss", runs)
+    figure = go.Figure()
+    for index, (run, points) in enumerate(series.groupby("run", sort=True)):
+        figure.add_trace(go.Scatter(
+            x=points["step"], y=points["value"].rolling(smooth, min_periods=1).mean(), mode="lines", name=run,
+            line={"color": PALETTE[index % len(PALETTE)]},
+            hovertemplate="%{fullData.name}<br>step %{x}<br>train loss %{y:.4g}<extra></extra>",
+        ))
+    title = "Training loss" + (f" (mean of the last {smooth} steps)" if smooth > 1 else "")
+    figure.update_layout(title=title, xaxis_title="step", yaxis_title="train loss", legend_title_text="run",
+                         template=TEMPLATE)
+    return figure
+
+
+def _scored(runs: pd.DataFrame, value: str, needed: Sequence[str]) -> tuple[pd.DataFrame, str, str]:
+    """The runs with a number in ``value``, the name of what ``value`` measures, and its mode.
+
+    ``best_value`` measures each run's monitor; runs that monitor different metrics are refused,
+    since their best values do not compare.
+    """
+    require_columns(runs, [*needed, value, *(["monitor"] if value == "best_value" else [])], "runs")
+    name = value
+    if value == "best_value":
+        monitors = sorted(set(runs["monitor"].dropna()))
+        if len(monitors) > 1:
+            raise ValueError(f"the runs monitor different metrics ({', '.join(monitors)}); their best values do "
+                             "not compare: plot the runs of one monitor at a time")
+        name = monitors[0] if monitors else value
+    scored = runs.assign(**{value: pd.to_numeric(runs[value], errors="coerce")}).dropna(subset=[value])
+    return scored, name, metric_mode(name)
+
+
+def best_by_variant_and_rank(runs: pd.DataFrame, value: str = "best_value") -> go.Figure:
+    """Grouped bars: for each rank, one bar per variant, the best ``value`` over that variant's runs at that rank.
+
+    With several runs of a variant at a rank (learning rates, seeds) the best counts: the lowest
+    for a loss, the highest for an accuracy; hovering a bar names its run.
+
+    Args:
+        runs: ``load_runs``' table; needs run, variant, rank, ``value`` (and monitor for ``best_value``).
+        value: a column of numbers: ``"best_value"`` (each run's best validation monitor),
+            ``"test_loss"``, ``"test_acc"``, ...
+
+    Raises:
+        ValueError: a missing column, or ``best_value`` of runs that monitor different metrics.
+    """
+    scored, name, mode = _scored(runs, value, ("run", "variant", "rank"))
+    groups = scored.groupby(["variant", "rank"])[value]
+    best = scored.loc[groups.idxmin() if mode == "min" else groups.idxmax()]
+    ranks = sorted(best["rank"].unique())
+    figure = go.Figure()
+    for variant in _variant_order(best["variant"]):
+        bars = best[best["variant"] == variant].sort_values("rank")
+        figure.add_trace(go.Bar(
+            x=[f"rank {r}" for r in bars["rank"]], y=bars[value], name=variant, customdata=bars["run"],
+            marker_color=variant_color(variant), text=[f"{v:.3g}" for v in bars[value]], textposition="outside",
+            hovertemplate=f"%{{customdata}}<br>{name} %{{y:.4g}}<extra></extra>",
+        ))
+    direction = "lowest" if mode == "min" else "highest"
+    figure.update_layout(title=f"Best {name} by variant and rank ({direction} over each variant's runs)",
+                         barmode="group", xaxis={"title": "rank", "categoryorder": "array",
+                                                 "categoryarray": [f"rank {r}" for r in ranks]},
+                         yaxis_title=name, legend_title_text="variant", template=TEMPLATE)
+    return figure
+
+
+def parameters_vs_metric(runs: pd.DataFrame, value: str = "best_value") -> go.Figure:
+    """Scatter of each run's trainable parameters (log x) against its ``value``, coloured by variant, labelled by rank.
+
+    Args:
+        runs: ``load_runs``' table; needs run, variant, rank, trainable, ``value`` (and monitor for
+            ``best_value``).
+        value: a column of numbers, as for ``best_by_variant_and_rank``.
+
+    Raises:
+        ValueError: a missing column, or ``best_value`` of runs that monitor different metrics.
+    """
+    scored, name, _ = _scored(runs, value, ("run", "variant", "rank", "trainable"))
+    figure = go.Figure()
+    for variant in _variant_order(scored["variant"]):
+        points = scored[scored["variant"] == variant]
+        figure.add_trace(go.Scatter(
+            x=points["trainable"], y=points[value], mode="markers+text", name=variant,
+            text=[f"r{r}" for r in points["rank"]], textposition="top center", customdata=points["run"],
+            marker={"color": variant_color(variant), "size": 10},
+            hovertemplate=f"%{{customdata}}<br>trainable %{{x:,}}<br>{name} %{{y:.4g}}<extra></extra>",
+        ))
+    figure.update_layout(title=f"Trainable parameters against {name} (labels: rank)",
+                         xaxis={"title": "trainable parameters", "type": "log"}, yaxis_title=name,
+                         legend_title_text="variant", template=TEMPLATE)
+    return figure

@@ -1,0 +1,324 @@
+"""Runs: one directory per training run, and every table and choice derived from those directories.
+
+A run directory is the one source of truth::
+
+    config.json      the run's settings and how it ended (status, steps done, best, test metrics)
+    metrics.jsonl    one line per metric per evaluation: {"step", "split", "metric", "value", "time"}
+    checkpoints/     step-XXXXXXXX/ checkpoints (see ``wb.CheckpointManager``)
+
+Selection uses validation metrics only; the test split is measured once, on the checkpoint that
+validation chose, so the reported test figure is honest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from .adapt import add_adapters, trainable_parameters
+from .checkpoints import CheckpointManager
+from .memory import saved_activations
+from .peft_format import export_peft
+from .tasks import Task, get_task
+from .trainer import Callback, Trainer, evaluate
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS_DIR = "checkpoints"
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_record(run: Path) -> dict[str, Any]:
+    try:
+        return json.loads((run / CONFIG_FILE).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{run} is not a run directory ({CONFIG_FILE} is missing)") from None
+
+
+def _build_model(task: Task, settings: dict[str, Any]) -> nn.Module:
+    torch.manual_seed(settings["seed"])
+    model = task.base_model()
+    targets = settings["targets"] if settings["targets"] is not None else task.default_targets
+    return add_adapters(model, settings["variant"], settings["rank"], settings["alpha"], targets, **settings["options"])
+
+
+class Run:
+    """One training run of a variant at a rank on a task, written to its own directory.
+
+    ``Run(...)`` checks every setting and builds the adapted model; ``fit()`` trains it and
+    records the outcome; ``stop()`` (from any thread) ends it with a checkpoint. A run
+    directory that exists already is resumed with ``resume=True`` (skipped if finished) and
+    refused otherwise.
+
+    Args:
+        task: a task name (``wb.tasks.TASKS``) or a ``wb.tasks.Task``.
+        variant, rank, alpha, targets, **options: as for ``wb.add_adapters``; targets default
+            to the task's.
+        out: the run directory.
+        lr, optimizer: see ``wb.make_optimizer``.
+        steps, eval_every, save_every, seed, callbacks, progress_bar: see ``wb.Trainer``.
+        keep_last, keep_best, monitor, mode: see ``wb.CheckpointManager``.
+    """
+
+    def __init__(
+        self,
+        task: str | Task,
+        variant: str,
+        rank: int,
+        out: str | os.PathLike[str],
+        *,
+        alpha: float | None = None,
+        targets: str | Sequence[str] | None = None,
+        lr: float = 3e-3,
+        optimizer: str = "adamw",
+        steps: int = 300,
+        eval_every: int = 50,
+        save_every: int = 50,
+        seed: int = 0,
+        keep_last: int | None = None,
+        keep_best: int | None = None,
+        monitor: str = "val_loss",
+        mode: str = "min",
+        resume: bool = False,
+        callbacks: Sequence[Callback] = (),
+        progress_bar: bool = True,
+        **options: Any,
+    ) -> None:
+        self.task = get_task(task) if isinstance(task, str) else task
+        self.path = Path(out)
+        self.settings = {
+            "task": self.task.name, "variant": variant, "rank": rank, "alpha": alpha,
+            "targets": [targets] if isinstance(targets, str) else (list(targets) if targets is not None else None),
+            "options": options, "lr": lr, "optimizer": optimizer, "steps": steps, "eval_every": eval_every,
+            "save_every": save_every, "seed": seed, "batch_size": self.task.batch_size,
+            "keep_last": keep_last, "keep_best": keep_best, "monitor": monitor, "mode": mode,
+        }
+        self.record: dict[str, Any] = {}
+        self.resume = resume
+        if (self.path / CONFIG_FILE).exists():
+            self.record = _read_record(self.path)
+            if not resume:
+                raise ValueError(f"{self.path} holds a run already; resume it (resume=True, --resume) or choose "
+                                 "another directory")
+            changed = [f"{k}: {self.record['settings'].get(k)!r} there, {v!r} here"
+                       for k, v in self.settings.items() if self.record["settings"].get(k) != v]
+            if changed:
+                raise ValueError(f"{self.path} holds a different run; it differs in " + "; ".join(changed))
+        self.model = _build_model(self.task, self.settings)
+        self.checkpoints = CheckpointManager(self.path / CHECKPOINTS_DIR, keep_last, keep_best, monitor, mode,
+                                             run_config=self.settings)
+        self.trainer = Trainer(self.model, self.task, lr=lr, optimizer=optimizer, steps=steps, eval_every=eval_every,
+                               save_every=save_every, checkpoints=self.checkpoints,
+                               metrics_log=self.path / METRICS_FILE, seed=seed, callbacks=callbacks,
+                               progress_bar=progress_bar, monitor=monitor)
+
+    @property
+    def finished(self) -> bool:
+        return self.record.get("status") == "finished"
+
+    def stop(self) -> None:
+        """End a running ``fit`` safely: a checkpoint is saved first. Safe from any thread."""
+        self.trainer.stop()
+
+    def fit(self) -> dict[str, Any]:
+        """Train (or resume, or skip a finished run) and write the outcome; returns the run's record."""
+        if self.finished:
+            return self.record
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.record = {
+            "settings": self.settings,
+            "status": "running",
+            "trainable": trainable_parameters(self.model),
+            "saved_bytes": self._saved_bytes(),
+            "started": self.record.get("started", datetime.now(UTC).isoformat(timespec="seconds")),
+            "wall_time": self.record.get("wall_time", 0.0),
+        }
+        _write_json(self.path / CONFIG_FILE, self.record)
+        start = time.perf_counter()
+        try:
+            status = self.trainer.fit(resume=self.resume)
+        except BaseException as error:
+            self.record.update(status="failed", message=f"{type(error).__name__}: {error}")
+            raise
+        else:
+            self.record.update(status=status, message=self.trainer.message, steps_done=self.trainer.step)
+            if status == "finished":
+                self.record["test"] = self._test_best()
+        finally:
+            self.record["wall_time"] += time.perf_counter() - start
+            self.checkpoints.close()
+            _write_json(self.path / CONFIG_FILE, self.record)
+        return self.record
+
+    def _saved_bytes(self) -> int:
+        """Bytes autograd keeps for backward on one training batch (activation memory)."""
+        inputs, targets = next(iter(self.task.loaders(self.settings["seed"])["train"]))
+        with torch.random.fork_rng(), saved_activations(self.model) as saved:
+            self.task.loss(self.model.train()(inputs), targets)
+        return saved.bytes
+
+    def _test_best(self) -> dict[str, Any]:
+        best = self.checkpoints.best()
+        if best is None:
+            return {}
+        model = _build_model(self.task, self.settings)
+        progress = self.checkpoints.load(best, model)
+        loader = self.task.loaders(self.settings["seed"])["test"]
+        return {"checkpoint": best.name, "step": progress["step"],
+                **evaluate(model, loader, self.task.loss, self.task.counts, "test")}
+
+
+def train(task: str | Task, variant: str, rank: int, out: str | os.PathLike[str], **settings: Any) -> Path:
+    """Train one run (see ``Run`` for the settings) and return its directory."""
+    Run(task, variant, rank, out, **settings).fit()
+    return Path(out)
+
+
+def _run_directories(directory: str | os.PathLike[str]) -> list[Path]:
+    path = Path(directory)
+    if (path / CONFIG_FILE).exists():
+        return [path]
+    if not path.is_dir():
+        raise ValueError(f"{path}: no such directory")
+    return sorted(p for p in path.iterdir() if (p / CONFIG_FILE).exists())
+
+
+def _checkpoint_table(run: Path) -> pd.DataFrame:
+    directory = run / CHECKPOINTS_DIR
+    if not directory.is_dir():
+        return pd.DataFrame(columns=["step", "path", "stage", "size", "created"])
+    return CheckpointManager(directory).list()
+
+
+def load_runs(directory: str | os.PathLike[str]) -> pd.DataFrame:
+    """One row per run under ``directory`` (or for the run ``directory`` is).
+
+    Columns: run, task, variant, rank, alpha, lr, seed, trainable, saved_bytes, steps, steps_done,
+    monitor, best_value, best_step, best_checkpoint (by validation), test_loss and test_acc
+    (measured on that checkpoint), wall_time (seconds), status, path. Runs still going show
+    their checkpoints so far.
+    """
+    rows = []
+    for run in _run_directories(directory):
+        record = _read_record(run)
+        settings = record["settings"]
+        table = _checkpoint_table(run)
+        monitor, mode = settings["monitor"], settings["mode"]
+        best = None
+        if monitor in table and table[monitor].notna().any():
+            best = table.loc[table[monitor].idxmin() if mode == "min" else table[monitor].idxmax()]
+        test = record.get("test", {})
+        rows.append({
+            "run": run.name, "task": settings["task"], "variant": settings["variant"], "rank": settings["rank"],
+            "alpha": settings["alpha"], "lr": settings["lr"], "seed": settings["seed"],
+            "trainable": record.get("trainable"), "saved_bytes": record.get("saved_bytes"),
+            "steps": settings["steps"],
+            "steps_done": record.get("steps_done", int(table["step"].max()) if len(table) else 0),
+            "monitor": monitor, "best_value": None if best is None else float(best[monitor]),
+            "best_step": None if best is None else int(best["step"]),
+            "best_checkpoint": None if best is None else best["path"],
+            "test_loss": test.get("test_loss"), "test_acc": test.get("test_acc"),
+            "wall_time": record.get("wall_time"), "status": record.get("status"), "path": str(run),
+        })
+    return pd.DataFrame(rows)
+
+
+def _read_log(path: Path) -> list[dict[str, Any]]:
+    """The entries of a metrics log; a last line cut short by a crash is left out."""
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    entries = []
+    for number, line in enumerate(lines, 1):
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise ValueError(f"{path}: line {number} is not JSON") from None
+    return entries
+
+
+def load_metrics(run_or_directory: str | os.PathLike[str]) -> pd.DataFrame:
+    """Every logged metric in long format: run, step, split, metric, value."""
+    frames = []
+    for run in _run_directories(run_or_directory):
+        entries = _read_log(run / METRICS_FILE)
+        if entries:
+            frame = pd.DataFrame(entries)
+            frame.insert(0, "run", run.name)
+            frames.append(frame[["run", "step", "split", "metric", "value"]])
+    if not frames:
+        return pd.DataFrame(columns=["run", "step", "split", "metric", "value"])
+    return pd.concat(frames, ignore_index=True)
+
+
+def best_checkpoint(run_or_directory: str | os.PathLike[str], metric: str = "val_loss", mode: str = "min") -> Path:
+    """The path of the best checkpoint by a validation ``metric``, over one run or every run in a directory.
+
+    Raises:
+        ValueError: ``metric`` is not a validation metric, a bad mode, or no checkpoint has the metric.
+    """
+    if not metric.startswith("val_"):
+        raise ValueError(f"metric must be a validation metric (val_loss, val_acc), not {metric!r}: "
+                         "choosing on training or test data would bias the result")
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
+    tables = [_checkpoint_table(run) for run in _run_directories(run_or_directory)]
+    table = pd.concat([t for t in tables if metric in t], ignore_index=True) if tables else pd.DataFrame()
+    if metric not in table or table[metric].isna().all():
+        raise ValueError(f"no checkpoint under {run_or_directory} records {metric}")
+    row = table[metric].idxmin() if mode == "min" else table[metric].idxmax()
+    return Path(table.loc[row, "path"])
+
+
+def _run_of(checkpoint: Path) -> Path:
+    run = checkpoint.parent.parent
+    if not (run / CONFIG_FILE).exists():
+        raise ValueError(f"{checkpoint} is not a checkpoint of a run directory (no {CONFIG_FILE} two levels up)")
+    return run
+
+
+def load_run_model(checkpoint: str | os.PathLike[str], task: Task | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a run's adapted model and load ``checkpoint`` into it; returns (model, progress)."""
+    checkpoint = Path(checkpoint)
+    settings = _read_record(_run_of(checkpoint))["settings"]
+    task = task or get_task(settings["task"])
+    model = _build_model(task, settings)
+    return model, CheckpointManager(checkpoint.parent).load(checkpoint, model)
+
+
+def evaluate_checkpoints(run: str | os.PathLike[str], split: str = "val", task: Task | None = None) -> pd.DataFrame:
+    """Evaluate every checkpoint of a run again on ``split``: step, path, stage, <split>_loss, <split>_acc."""
+    run = Path(run)
+    settings = _read_record(run)["settings"]
+    task = task or get_task(settings["task"])
+    loader = task.loaders(settings["seed"])[split]
+    rows = []
+    for _, row in _checkpoint_table(run).iterrows():
+        model, _ = load_run_model(row["path"], task)
+        rows.append({"step": row["step"], "path": row["path"], "stage": row["stage"],
+                     **evaluate(model, loader, task.loss, task.counts, split)})
+    return pd.DataFrame(rows)
+
+
+def export_checkpoint(checkpoint: str | os.PathLike[str], to: str | os.PathLike[str], format: str = "peft",
+                      task: Task | None = None) -> Path:
+    """Export a run's checkpoint as an adapter another tool loads; only ``format="peft"`` for now."""
+    if format != "peft":
+        raise ValueError(f"unknown export format {format!r}; valid formats: peft")
+    model, _ = load_run_model(checkpoint, task)
+    return export_peft(model, to)

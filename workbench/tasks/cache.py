@@ -1,0 +1,137 @@
+"""Pre-trained base models, cached as safetensors files so each is pre-trained once per machine.
+
+The files live in ``$WORKBENCH_CACHE`` if it is set, else in the user's cache directory
+(``platformdirs.user_cache_dir("adapter-workbench")``, e.g. ``~/.cache/adapter-workbench``), one
+file per model and version: ``<name>-v<version>.safetensors``. Each file's metadata holds the
+SHA-256 of its tensors, so a truncated, corrupted or out-of-date file is noticed, reported with a
+warning, and replaced by pre-training again. Deleting the directory is always safe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import platformdirs
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..checkpoints.files import TMP_PREFIX, fsync_path
+
+CACHE_ENV = "WORKBENCH_CACHE"
+SEED = 0
+
+
+class InvalidCacheError(Exception):
+    """A cache file that cannot be used; the message says why."""
+
+
+def cache_dir() -> Path:
+    """``$WORKBENCH_CACHE`` if set, else the user's cache directory for ``adapter-workbench``."""
+    return Path(os.environ.get(CACHE_ENV) or platformdirs.user_cache_dir("adapter-workbench"))
+
+
+def cache_path(name: str, version: int) -> Path:
+    """Where ``cached_model(name, version, ...)`` keeps its weights."""
+    return cache_dir() / f"{name}-v{version}.safetensors"
+
+
+def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor in key order: its name, dtype and shape, then its raw bytes."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def cached_model(name: str, version: int, build: Callable[[], nn.Module],
+                 pretrain: Callable[[nn.Module], None]) -> nn.Module:
+    """A pre-trained model: loaded from the cache, or pre-trained and then cached.
+
+    ``build`` makes the architecture and ``pretrain`` trains it in place. Both run with torch's
+    global RNG seeded to a fixed value inside ``torch.random.fork_rng``, so the model is the same
+    on every call and the caller's RNG state is left exactly as it was. The cache file is written
+    atomically (a temporary file in the same directory, then ``os.replace``), so concurrent
+    processes and crashes never leave a half-written file behind.
+
+    Args:
+        name: the model's name, part of the file name, e.g. ``"digits-mlp"``.
+        version: part of the file name; raise it whenever the architecture or the pre-training
+            recipe changes, so that old files are no longer used.
+        build: returns the untrained architecture.
+        pretrain: trains the model in place; called only when there is no valid cache file.
+
+    Returns:
+        The pre-trained model, a fresh copy on each call, in training mode.
+
+    Warns:
+        UserWarning: the cache file was invalid (unreadable, truncated, keys or shapes that do not
+            match ``build()``, or tensors whose SHA-256 differs from the one recorded), or the
+            cache directory cannot be written; the model is pre-trained anyway.
+    """
+    path = cache_path(name, version)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        model = build()
+        if path.exists():
+            try:
+                model.load_state_dict(load_tensors(path, model.state_dict()))
+                return model
+            except InvalidCacheError as error:
+                warnings.warn(f"cache file {path} is invalid ({error}); pre-training {name!r} again", stacklevel=2)
+        pretrain(model)
+    try:
+        save_tensors(path, model.state_dict())
+    except OSError as error:
+        warnings.warn(f"could not write cache file {path} ({error}); {name!r} will be pre-trained again next time",
+                      stacklevel=2)
+    return model
+
+
+def load_tensors(path: Path, expected: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of ``path``, checked against the names, shapes and dtypes of ``expected`` and the stored hash.
+
+    Raises:
+        InvalidCacheError: the file is unreadable or truncated, has missing or extra tensors, a
+            tensor of the wrong shape or dtype, or bytes whose SHA-256 is not the recorded one.
+    """
+    try:
+        with safe_open(path, framework="pt") as file:
+            recorded = (file.metadata() or {}).get("sha256")
+            tensors = {key: file.get_tensor(key) for key in file.keys()}
+    except (OSError, SafetensorError) as error:
+        raise InvalidCacheError(f"unreadable: {error}") from error
+    missing, extra = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
+    if missing or extra:
+        raise InvalidCacheError(f"missing tensors {missing}, unexpected tensors {extra}")
+    for key, tensor in tensors.items():
+        want = expected[key]
+        if tensor.shape != want.shape or tensor.dtype != want.dtype:
+            raise InvalidCacheError(f"tensor {key!r} is {tensor.dtype} {tuple(tensor.shape)}, "
+                                    f"expected {want.dtype} {tuple(want.shape)}")
+    if recorded != tensors_sha256(tensors):
+        raise InvalidCacheError("the tensors' SHA-256 differs from the one recorded")
+    return tensors
+
+
+def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Write ``tensors`` and their SHA-256 to ``path`` atomically: a temporary sibling, fsync'd, then ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {key: tensor.detach().cpu().contiguous() for key, tensor in tensors.items()}
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        save_file(tensors, tmp, metadata={"sha256": tensors_sha256(tensors)})
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
