@@ -35,6 +35,16 @@ from .trainer import Callback, Trainer, evaluate
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    """``wb.ui`` is imported on first use, so the library itself never loads ipywidgets."""
+    if name == "ui":
+        import importlib
+
+        return importlib.import_module(".ui", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "VARIANTS",
     "AdapterConfig",

@@ -13,8 +13,8 @@ import pandas as pd
 
 from .adapters import VARIANTS
 from .checkpoints import CheckpointError
-from .report import write_report
-from .runs import best_checkpoint, export_checkpoint, load_runs, train
+from .report import claims, write_report
+from .runs import best_checkpoint, export_checkpoint, load_metrics, load_runs, train
 from .sweep import sweep
 from .tasks import TASKS
 
@@ -28,6 +28,9 @@ OPTION_FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--d-initial", "d_initial", float, "VeRA: initial value of d (default 0.1)"),
     ("--projection-seed", "projection_seed", int, "VeRA: seed of the shared random projections (default 0)"),
 ]
+
+
+EXPERIMENT_LRS = [3e-3, 1e-2, 3e-2]
 
 
 def _positive_int(text: str) -> int:
@@ -56,12 +59,14 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=_positive_int, default=300, help="optimizer steps per run (default 300)")
     parser.add_argument("--alpha", type=_positive_float, help="LoRA alpha (default: the rank; vera has none)")
     parser.add_argument("--targets", type=_list_of(str), help="comma-separated module names, suffixes or regexes")
-    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd"])
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd"], help="(default adamw)")
     parser.add_argument("--eval-every", type=_positive_int, default=50, help="validate every K steps (default 50)")
     parser.add_argument("--save-every", type=_positive_int, default=50, help="checkpoint every K steps (default 50)")
     parser.add_argument("--keep-last", type=_positive_int, help="keep the newest K checkpoints (default all)")
     parser.add_argument("--keep-best", type=_positive_int, help="keep the K best checkpoints by --monitor")
-    parser.add_argument("--monitor", default="val_loss", choices=["val_loss", "val_acc"])
+    parser.add_argument("--monitor", default="val_loss", choices=["val_loss", "val_acc"],
+                        help="validation metric that ranks checkpoints (default val_loss, lower is better; "
+                        "val_acc: higher)")
     parser.add_argument("--rslora", action="store_true", default=None, help="scale by alpha / sqrt(r)")
     for flag, _, kind, help_text in OPTION_FLAGS:
         parser.add_argument(flag, type=kind, help=help_text)
@@ -94,17 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     experiment = commands.add_parser("experiment", help="the default experiment: sweep every variant at ranks 2 "
-                                     "and 8 on digits, write the report, print the runs and the best checkpoint")
+                                     "and 8 and learning rates 0.003, 0.01, 0.03 on digits, write the report, "
+                                     "print the runs and the best checkpoint")
     experiment.add_argument("--out", type=Path, default=Path("runs"), help="runs directory (default runs)")
-    experiment.add_argument("--steps", type=_positive_int, default=300)
-    experiment.add_argument("--report", type=Path, default=Path("report.html"), help="(default report.html)")
+    experiment.add_argument("--steps", type=_positive_int, default=300, help="optimizer steps per run (default 300)")
+    experiment.add_argument("--report", type=Path, default=Path("report.html"),
+                            help="the HTML report to write (default report.html)")
 
     one = commands.add_parser("train", help="train one run")
-    one.add_argument("--variant", required=True, choices=VARIANTS)
-    one.add_argument("--rank", required=True, type=_positive_int)
+    one.add_argument("--variant", required=True, choices=VARIANTS, help="the adapter variant")
+    one.add_argument("--rank", required=True, type=_positive_int, help="the adapter rank r")
     one.add_argument("--out", required=True, type=Path, help="the run directory")
     one.add_argument("--lr", type=_positive_float, default=3e-3, help="learning rate (default 0.003)")
-    one.add_argument("--seed", type=int, default=0)
+    one.add_argument("--seed", type=int, default=0, help="seeds the data split and order, init and dropout "
+                     "(default 0)")
     one.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     _add_run_options(one)
 
@@ -113,27 +121,28 @@ def build_parser() -> argparse.ArgumentParser:
     many.add_argument("--ranks", type=_list_of(_positive_int), default=[2, 8], help="comma-separated (default 2,8)")
     many.add_argument("--lrs", type=_list_of(_positive_float), default=[3e-3], help="comma-separated (default 0.003)")
     many.add_argument("--seeds", type=_list_of(int), default=[0], help="comma-separated (default 0)")
-    many.add_argument("--search", choices=["grid", "random"], default="grid")
+    many.add_argument("--search", choices=["grid", "random"], default="grid",
+                      help="every combination (default) or --trials of them drawn at random")
     many.add_argument("--trials", type=_positive_int, help="how many trials a random search draws")
     many.add_argument("--out", required=True, type=Path, help="the runs directory")
     _add_run_options(many)
 
     runs = commands.add_parser("runs", help="print the runs table")
-    runs.add_argument("directory", type=Path)
+    runs.add_argument("directory", type=Path, help="a run or a runs directory")
 
     best = commands.add_parser("best", help="print the path of the best checkpoint (by validation)")
     best.add_argument("directory", type=Path, help="a run or a runs directory")
-    best.add_argument("--metric", default="val_loss", choices=["val_loss", "val_acc"])
+    best.add_argument("--metric", default="val_loss", choices=["val_loss", "val_acc"], help="(default val_loss)")
     best.add_argument("--mode", choices=["min", "max"], help="default: min for val_loss, max for val_acc")
 
     export = commands.add_parser("export", help="export a checkpoint as an adapter (PEFT format)")
-    export.add_argument("checkpoint", type=Path)
-    export.add_argument("--format", default="peft", choices=["peft"])
+    export.add_argument("checkpoint", type=Path, help="a checkpoint directory of a run (see workbench best)")
+    export.add_argument("--format", default="peft", choices=["peft"], help="(default peft)")
     export.add_argument("--to", required=True, type=Path, help="the adapter directory to write")
 
     report = commands.add_parser("report", help="write a standalone HTML report of the runs")
-    report.add_argument("directory", type=Path)
-    report.add_argument("--to", type=Path, default=Path("report.html"))
+    report.add_argument("directory", type=Path, help="a runs directory")
+    report.add_argument("--to", type=Path, default=Path("report.html"), help="the HTML file (default report.html)")
     return parser
 
 
@@ -144,9 +153,14 @@ def _print_table(table: pd.DataFrame) -> None:
 
 
 def _experiment(args: argparse.Namespace) -> None:
-    table = sweep("digits", VARIANTS, [2, 8], args.steps, args.out, lrs=[1e-2], progress_bar=False)
+    # Three learning rates, so each variant is compared at its best one, as the papers compare them.
+    table = sweep("digits", VARIANTS, [2, 8], args.steps, args.out, lrs=EXPERIMENT_LRS, eval_every=25,
+                  progress_bar=False)
     write_report(args.out, args.report)
     _print_table(table)
+    print("\nclaims (details in the report):")
+    for claim in claims(table, load_metrics(args.out)):
+        print(f"  {claim['verdict']:<18} {claim['claim']}")
     print(f"\nreport: {args.report}")
     print(f"best checkpoint (val_loss): {best_checkpoint(args.out)}")
 
