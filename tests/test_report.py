@@ -14,7 +14,7 @@ from torch import nn
 
 import workbench as wb
 from workbench.plots import best_by_variant_and_rank, parameters_vs_metric, training_loss, validation_curves
-from workbench.report import FAILS, HOLDS, UNMEASURED, claims, write_report
+from workbench.report import FAILS, HOLDS, UNMEASURED, check_claims, write_report
 from workbench.runs import load_metrics, load_runs
 
 EVALUATED = (10, 20, 30, 40)
@@ -68,7 +68,7 @@ def _verdicts(checked: list[dict]) -> list[str]:
 
 
 def test_claims_on_the_sweep_give_the_chosen_figures_and_verdicts(sweep):
-    speed, vera, memory, delta = claims(load_runs(sweep), load_metrics(sweep))
+    speed, vera, memory, delta = check_claims(load_runs(sweep), load_metrics(sweep))
     assert _verdicts([speed, vera, memory, delta]) == [HOLDS, HOLDS, HOLDS, FAILS]
     for claim in (speed, vera, memory, delta):  # rank 8 has lora only: no pair
         assert claim["figures"][["task", "rank"]].values.tolist() == [["digits", 4]]
@@ -134,7 +134,7 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_claim_verdicts(case):
     runs, logged, expected = CASES[case]
-    assert _verdicts(claims(runs, _metrics(logged))) == expected
+    assert _verdicts(check_claims(runs, _metrics(logged))) == expected
 
 
 def test_the_report_is_one_standalone_file_with_every_run_and_the_best_marked(sweep, tmp_path):

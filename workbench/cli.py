@@ -13,7 +13,7 @@ import pandas as pd
 
 from .adapters import VARIANTS
 from .checkpoints import CheckpointError
-from .report import claims, write_report
+from .report import check_claims, write_report
 from .runs import best_checkpoint, export_checkpoint, load_metrics, load_runs, train
 from .sweep import sweep
 from .tasks import TASKS
@@ -159,7 +159,7 @@ def _experiment(args: argparse.Namespace) -> None:
     write_report(args.out, args.report)
     _print_table(table)
     print("\nclaims (details in the report):")
-    for claim in claims(table, load_metrics(args.out)):
+    for claim in check_claims(table, load_metrics(args.out)):
         print(f"  {claim['verdict']:<18} {claim['claim']}")
     print(f"\nreport: {args.report}")
     print(f"best checkpoint (val_loss): {best_checkpoint(args.out)}")

@@ -3,7 +3,7 @@
 ``write_report`` embeds plotly.js inline once, so the file opens anywhere with no network. Every
 figure comes from ``workbench.plots``; every number from the run directories (``load_runs``,
 ``load_metrics``). The published claims are checked by plain functions of those two tables
-(``claims``), usable and tested without any HTML.
+(``check_claims``), usable and tested without any HTML.
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def delta_lora_loss(runs: pd.DataFrame, metrics: pd.DataFrame) -> dict[str, Any]
         ["LoRA best val loss", "Delta-LoRA best val loss", "Delta-LoRA / LoRA"], rows)
 
 
-def claims(runs: pd.DataFrame, metrics: pd.DataFrame) -> list[dict[str, Any]]:
+def check_claims(runs: pd.DataFrame, metrics: pd.DataFrame) -> list[dict[str, Any]]:
     """Each published claim checked on these runs: dicts of claim, test, figures (a table per rank), verdict.
 
     A verdict is "holds" when the claim holds at every task and rank where the runs it needs
@@ -291,7 +291,7 @@ def _sections(runs: pd.DataFrame, metrics: pd.DataFrame) -> list[tuple[str, str,
         ("Runs", "Every run in the directory; test figures are measured once, on the checkpoint validation chose.",
          _runs_section(runs, monitor)),
         ("Claims", "Published claims about the variants, checked on these runs.",
-         _claims_section(claims(runs, metrics))),
+         _claims_section(check_claims(runs, metrics))),
     ]
     return sections
 
