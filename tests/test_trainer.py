@@ -129,6 +129,14 @@ def test_stop_from_another_thread_saves_and_resume_continues_exactly(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_stop_asked_before_fit_starts_is_not_lost(tmp_path):
+    trainer = _trainer(tmp_path, "early", steps=80)
+    trainer.stop()
+    assert trainer.fit() == "stopped" and trainer.step == 1
+    assert wb.CheckpointManager(tmp_path / "early" / "checkpoints").list()["step"].tolist() == [1]
+    assert trainer.fit(resume=True) == "finished" and trainer.step == 80  # the stop was used up
+
+
 def test_a_non_finite_loss_stops_training_before_it_is_applied(tmp_path):
     task = _scratch_task()
     calls = {"n": 0}

@@ -18,18 +18,22 @@ from .checkpoints import CheckpointError, CheckpointManager
 from .memory import SavedTensors, saved_activations
 from .optim import make_optimizer
 from .peft_format import export_peft, import_peft
-from .report import write_report
+from .report import check_claims, write_report
 from .runs import (
     Run,
     best_checkpoint,
+    delete_checkpoint,
+    evaluate_checkpoint,
     evaluate_checkpoints,
     export_checkpoint,
+    load_checkpoints,
     load_metrics,
     load_run_model,
     load_runs,
+    run_settings,
     train,
 )
-from .sweep import sweep
+from .sweep import sweep, trial_name
 from .tasks import Task
 from .trainer import Callback, Trainer, evaluate
 
@@ -60,11 +64,15 @@ __all__ = [
     "adapter_layers",
     "add_adapters",
     "best_checkpoint",
+    "check_claims",
+    "delete_checkpoint",
     "evaluate",
+    "evaluate_checkpoint",
     "evaluate_checkpoints",
     "export_checkpoint",
     "export_peft",
     "import_peft",
+    "load_checkpoints",
     "load_metrics",
     "load_run_model",
     "load_runs",
@@ -72,11 +80,13 @@ __all__ = [
     "merge_adapters",
     "plots",
     "remove_adapters",
+    "run_settings",
     "saved_activations",
     "sweep",
     "tasks",
     "train",
     "trainable_parameters",
+    "trial_name",
     "unmerge_adapters",
     "write_report",
 ]

@@ -19,7 +19,6 @@ import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
 
-from .checkpoints import CheckpointManager
 from .plots import (
     best_by_variant_and_rank,
     metric_mode,
@@ -27,7 +26,7 @@ from .plots import (
     training_loss,
     validation_curves,
 )
-from .runs import CHECKPOINTS_DIR, load_metrics, load_runs
+from .runs import load_checkpoints, load_metrics, load_runs
 
 HOLDS, FAILS, UNMEASURED = "holds", "does not hold", "not measured here"
 VERA_MIN_RATIO = 10.0  # LoRA's trainable parameters over VeRA's, at least
@@ -249,18 +248,6 @@ def _runs_section(runs: pd.DataFrame, monitor: str) -> str:
 # -- the page ---------------------------------------------------------------------------------
 
 
-def checkpoint_steps(runs: pd.DataFrame) -> pd.DataFrame:
-    """Every checkpoint of every run on disk: run, step."""
-    frames = []
-    for name, path in zip(runs["run"], runs["path"], strict=True):
-        directory = Path(path) / CHECKPOINTS_DIR
-        if directory.is_dir():
-            frames.append(CheckpointManager(directory).list()[["step"]].assign(run=name))
-    if not frames:
-        return pd.DataFrame(columns=["run", "step"])
-    return pd.concat(frames, ignore_index=True)[["run", "step"]]
-
-
 def _claims_section(checked: list[dict[str, Any]]) -> str:
     parts = []
     for claim in checked:
@@ -273,7 +260,8 @@ def _claims_section(checked: list[dict[str, Any]]) -> str:
     return "".join(parts)
 
 
-def _sections(runs: pd.DataFrame, metrics: pd.DataFrame) -> list[tuple[str, str, go.Figure | str]]:
+def _sections(runs: pd.DataFrame, metrics: pd.DataFrame, checkpoints: pd.DataFrame
+              ) -> list[tuple[str, str, go.Figure | str]]:
     """(heading, note, figure or HTML) for each part of the report, in order."""
     monitor = main_monitor(runs)
     same = runs[runs["monitor"] == monitor]
@@ -282,7 +270,7 @@ def _sections(runs: pd.DataFrame, metrics: pd.DataFrame) -> list[tuple[str, str,
     others = "" if len(same) == len(runs) else f" Only the {len(same)} runs that monitor {monitor} are compared."
     sections: list[tuple[str, str, go.Figure | str]] = [
         (f"Validation {m} at every evaluation", "Markers: the checkpoints saved.",
-         validation_curves(metrics, m, checkpoints=checkpoint_steps(runs))) for m in shown]
+         validation_curves(metrics, m, checkpoints=checkpoints)) for m in shown]
     sections += [
         ("Training loss", "A moving mean over the last 20 steps.", training_loss(metrics)),
         (f"Best {monitor} by variant and rank", "Each run's best checkpoint by validation." + others,
@@ -329,5 +317,6 @@ def write_report(directory: str | os.PathLike[str], to: str | os.PathLike[str] =
                f"{', '.join(sorted(set(runs['variant'])))}; ranks {', '.join(map(str, sorted(set(runs['rank']))))}.")
     path = Path(to)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(_page("Adapter workbench report", summary, _sections(runs, metrics)), encoding="utf-8")
+    path.write_text(_page("Adapter workbench report", summary, _sections(runs, metrics, load_checkpoints(directory))),
+                    encoding="utf-8")
     return path

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .adapt import add_adapters, trainable_parameters
-from .checkpoints import CheckpointManager
+from .checkpoints import CheckpointError, CheckpointManager
 from .memory import saved_activations
 from .peft_format import export_peft
 from .tasks import Task, get_task
@@ -322,3 +322,67 @@ def export_checkpoint(checkpoint: str | os.PathLike[str], to: str | os.PathLike[
         raise ValueError(f"unknown export format {format!r}; valid formats: peft")
     model, _ = load_run_model(checkpoint, task)
     return export_peft(model, to)
+
+
+def run_settings(run: str | os.PathLike[str]) -> dict[str, Any]:
+    """The settings a run was started with (its config.json ``settings``): task, variant, rank, seed, monitor, mode, ...
+
+    Raises:
+        ValueError: ``run`` is not a run directory.
+    """
+    return dict(_read_record(Path(run))["settings"])
+
+
+def load_checkpoints(run_or_directory: str | os.PathLike[str]) -> pd.DataFrame:
+    """Every complete checkpoint of one run, or of every run in a directory: one row each.
+
+    Columns: run, then ``CheckpointManager.list()``'s (step, path, stage, size, created and the
+    recorded metrics such as val_loss, val_acc); runs in name order, each oldest first. Runs
+    still being written show the checkpoints they have so far; nothing is created on disk.
+
+    Raises:
+        ValueError: the path is neither a run nor a directory.
+    """
+    frames = [_checkpoint_table(run).assign(run=run.name) for run in _run_directories(run_or_directory)]
+    frames = [frame for frame in frames if len(frame)]
+    if not frames:
+        return pd.DataFrame(columns=["run", "step", "path", "stage", "size", "created"])
+    table = pd.concat(frames, ignore_index=True)
+    return table[["run", *(column for column in table.columns if column != "run")]]
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike[str], split: str = "val", task: Task | None = None
+                        ) -> dict[str, float]:
+    """Load a run's checkpoint into a fresh model and measure it on ``split`` of the run's data.
+
+    Returns ``{"<split>_loss", "<split>_acc"}``, as ``wb.evaluate``; the same numbers as the
+    checkpoint's row of ``evaluate_checkpoints(run, split)``.
+
+    Raises:
+        ValueError: ``checkpoint`` is not a checkpoint of a run directory, or an unknown split.
+    """
+    checkpoint = Path(checkpoint)
+    settings = _read_record(_run_of(checkpoint))["settings"]
+    task = task or get_task(settings["task"])
+    loaders = task.loaders(settings["seed"])
+    if split not in loaders:
+        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(loaders)}")
+    model, _ = load_run_model(checkpoint, task)
+    return evaluate(model, loaders[split], task.loss, task.counts, split)
+
+
+def delete_checkpoint(checkpoint: str | os.PathLike[str]) -> None:
+    """Delete one checkpoint directory of a run (``CheckpointManager.delete``), then release the lock.
+
+    Raises:
+        CheckpointError: another process or run is writing checkpoints there (holds the lock),
+            or ``checkpoint`` is not a checkpoint of its directory.
+    """
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_dir():
+        raise CheckpointError(f"{checkpoint}: no such checkpoint")
+    manager = CheckpointManager(checkpoint.parent)
+    try:
+        manager.delete(checkpoint)
+    finally:
+        manager.close()

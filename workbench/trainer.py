@@ -131,7 +131,10 @@ class Trainer:
     # -- control ------------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Ask a running ``fit`` to save a checkpoint and return; safe from any thread."""
+        """Ask ``fit`` to save a checkpoint and return; safe from any thread.
+
+        Asked before ``fit`` has started, it takes effect after ``fit``'s first step.
+        """
         self._stop.set()
 
     def resume(self) -> bool:
@@ -163,7 +166,7 @@ class Trainer:
         torch.manual_seed(self.seed)
         if not (resume and self.resume()):
             self._truncate_log(0)
-        self.status, self._stop = "running", threading.Event()
+        self.status = "running"
         bar = tqdm(total=self.steps, initial=self.step, disable=not (self.progress_bar and self.is_writer),
                    desc="train", dynamic_ncols=True)
         self.model.train()  # once: evaluate() puts the mode back as it found it
@@ -202,6 +205,7 @@ class Trainer:
             else:
                 self.status = "finished"
         finally:
+            self._stop.clear()  # a stop asked for before or during this fit ends it; the next fit starts afresh
             bar.close()
             self._flush_log()
             if self.checkpoints is not None:

@@ -1,0 +1,367 @@
+"""``CheckpointBrowser``: the checkpoints of a run (or of every run in a directory) as a table.
+
+Select one to load it into its model, evaluate it on the validation and test splits, merge its
+adapters, export it in peft's format or delete it. The best checkpoint (by each run's monitor, a
+validation metric) is highlighted. Every action calls the public API (``import workbench as wb``);
+a failed button action shows its error in the panel's status line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import ipywidgets as widgets
+import pandas as pd
+import torch
+from IPython.display import display
+from torch import nn
+
+import workbench as wb
+
+BEST_STYLE = "background:#ffe066;font-weight:bold"
+RUN_BEST_STYLE = "background:#fff3bf"
+SELECTED_STYLE = "outline:2px solid #1c7ed6"
+_BASE_COLUMNS = ("run", "step", "path", "stage", "size", "created")
+
+
+def show(status: widgets.HTML, message: str, error: bool = False) -> None:
+    """Put ``message`` (plain text) in a panel's status line; errors in red."""
+    color = "#c92a2a" if error else "#2b8a3e"
+    status.value = f'<span style="color:{color}">{html.escape(message)}</span>'
+
+
+def catching(status: widgets.HTML, action: Callable[[], Any]) -> Callable[[Any], None]:
+    """A widget callback that runs ``action`` and shows any exception in ``status``.
+
+    ipywidgets only logs an exception raised in a click handler (the user sees nothing), so
+    every handler of the panels goes through this.
+    """
+
+    def handler(_: Any) -> None:
+        try:
+            action()
+        except Exception as error:  # any failure belongs in the status line, not in a log
+            show(status, f"{type(error).__name__}: {error}", error=True)
+
+    return handler
+
+
+def _cell(value: Any, column: str) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    if column == "size":
+        return f"{value / 1024:.1f} KB"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return html.escape(str(value))
+
+
+def html_table(frame: pd.DataFrame, columns: Sequence[str], row_style: Callable[[pd.Series], str] = lambda _: "",
+               key: str | None = None) -> str:
+    """An HTML table of ``frame``'s ``columns``, each row styled by ``row_style(row)``.
+
+    With ``key``, each ``<tr>`` carries ``data-key="<row[key]>"`` so a row can be found again.
+    """
+    head = "".join(f'<th style="padding:2px 8px;text-align:left">{html.escape(c)}</th>' for c in columns)
+    rows = []
+    for _, row in frame.iterrows():
+        attributes = f' data-key="{html.escape(str(row[key]))}"' if key else ""
+        cells = "".join(f'<td style="padding:2px 8px">{_cell(row[c], c)}</td>' for c in columns)
+        rows.append(f'<tr style="{row_style(row)}"{attributes}>{cells}</tr>')
+    return ('<div style="max-height:320px;overflow:auto"><table style="border-collapse:collapse;font-size:12px">'
+            f"<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
+
+
+def selection_metric(settings: dict[str, Any]) -> tuple[str, str]:
+    """The (metric, mode) that chooses a run's best checkpoint: its monitor if that is a
+    validation metric, else the validation loss (never training or test data)."""
+    monitor, mode = settings.get("monitor", "val_loss"), settings.get("mode", "min")
+    return (monitor, mode) if str(monitor).startswith("val_") else ("val_loss", "min")
+
+
+class CheckpointBrowser:
+    """A panel over the checkpoints of one run, or of every run in a directory.
+
+    Args:
+        run_or_runs_dir: a run directory (with config.json) or a directory of runs.
+
+    Attributes:
+        checkpoints: the table shown, ``wb.load_checkpoints``' (run, step, path, stage, size,
+            created, val_loss, val_acc, ...), plus ``best`` ("best", "run best" or "").
+        best: the best checkpoint over all runs by their monitor (``wb.best_checkpoint``), or
+            None (no checkpoint has the metric yet, or the runs monitor different metrics).
+        run_best: each run's best checkpoint, by run name.
+        model: the model ``load()`` (or ``merge()``) loaded, else None; ``loaded`` its checkpoint.
+        evaluation: the last ``evaluate()``'s metrics.
+        selector, table, status, load_button, evaluate_button, merge_button, export_to,
+        export_button, delete_button, refresh_button, widget: the widgets (``widget`` holds them all).
+
+    Raises:
+        ValueError: the path is no run and no directory of runs.
+
+    Example::
+
+        browser = wb.ui.CheckpointBrowser("runs")
+        browser.select(browser.best); browser.evaluate()
+    """
+
+    def __init__(self, run_or_runs_dir: str | os.PathLike[str]) -> None:
+        self.path = Path(run_or_runs_dir)
+        if wb.load_runs(self.path).empty:
+            raise ValueError(f"{self.path} is no run and holds no run: neither it nor its subdirectories have a "
+                             "config.json (a run directory written by wb.Run, wb.train or wb.sweep)")
+        self.checkpoints = pd.DataFrame(columns=[*_BASE_COLUMNS, "best"])
+        self.best: Path | None = None
+        self.run_best: dict[str, Path] = {}
+        self.model: nn.Module | None = None
+        self.loaded: Path | None = None
+        self.evaluation: dict[str, float] = {}
+        self._run_paths: dict[str, Path] = {}
+        self._criterion = ""
+        self._armed: str | None = None
+        self._quiet = False
+
+        self.selector = widgets.Dropdown(description="checkpoint", layout=widgets.Layout(width="460px"))
+        self.table = widgets.HTML()
+        self.status = widgets.HTML()
+        self.summary = widgets.HTML()
+        button = {"layout": widgets.Layout(width="auto")}
+        self.load_button = widgets.Button(description="Load", icon="upload", tooltip="load into the model", **button)
+        self.evaluate_button = widgets.Button(description="Evaluate", icon="check",
+                                              tooltip="measure on the val and test splits", **button)
+        self.merge_button = widgets.Button(description="Merge", icon="compress",
+                                           tooltip="fold the adapters into the base weights", **button)
+        self.delete_button = widgets.Button(description="Delete", icon="trash", button_style="danger",
+                                            tooltip="delete this checkpoint (click twice)", **button)
+        self.refresh_button = widgets.Button(description="Refresh", icon="refresh", **button)
+        self.export_to = widgets.Text(description="export to", placeholder="a new or empty directory",
+                                      layout=widgets.Layout(width="460px"))
+        self.export_button = widgets.Button(description="Export (PEFT)", icon="download", **button)
+
+        self.load_button.on_click(catching(self.status, self.load))
+        self.evaluate_button.on_click(catching(self.status, self.evaluate))
+        self.merge_button.on_click(catching(self.status, self.merge))
+        self.export_button.on_click(catching(self.status, self.export))
+        self.delete_button.on_click(catching(self.status, self._delete_clicked))
+        self.refresh_button.on_click(catching(self.status, self.refresh))
+        self.selector.observe(catching(self.status, self._selection_changed), names="value")
+
+        self.widget = widgets.VBox([
+            self.summary, self.table,
+            widgets.HBox([self.selector, self.refresh_button]),
+            widgets.HBox([self.load_button, self.evaluate_button, self.merge_button, self.delete_button]),
+            widgets.HBox([self.export_to, self.export_button]),
+            self.status,
+        ])
+        self.refresh()
+
+    # -- display ------------------------------------------------------------------------------
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any] | None:
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    def _ipython_display_(self) -> None:
+        display(self.widget)
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Read the checkpoints again (runs still being written show what they have) and redraw."""
+        runs = wb.load_runs(self.path)
+        self._run_paths = {run: Path(path) for run, path in zip(runs["run"], runs["path"], strict=True)}
+        criteria = {run: selection_metric(wb.run_settings(path)) for run, path in self._run_paths.items()}
+        self.run_best = {}
+        for run, (metric, mode) in criteria.items():
+            try:
+                self.run_best[run] = wb.best_checkpoint(self._run_paths[run], metric, mode)
+            except ValueError:  # no checkpoint records the metric yet
+                continue
+        shared = set(criteria.values())
+        self.best = None
+        if len(shared) == 1 and self.run_best:
+            metric, mode = shared.pop()
+            self.best = wb.best_checkpoint(self.path, metric, mode)
+            self._criterion = f"best by {metric} ({'lowest' if mode == 'min' else 'highest'})"
+        else:
+            self._criterion = "the runs monitor different metrics: each run's best is marked"
+        table = wb.load_checkpoints(self.path)
+        best_paths = {str(path) for path in self.run_best.values()}
+        table["best"] = ["best" if self.best is not None and path == str(self.best) else
+                         "run best" if path in best_paths else "" for path in table["path"]]
+        self.checkpoints = table.reset_index(drop=True)
+        self._disarm()
+
+        previous = self.selector.value
+        options = [(self._label(row), row["path"]) for _, row in self.checkpoints.iterrows()]
+        paths = [path for _, path in options]
+        fallback = str(self.best) if self.best is not None else (paths[-1] if paths else None)
+        self._quiet = True
+        try:
+            self.selector.options = options
+            self.selector.value = previous if previous in paths else fallback
+        finally:
+            self._quiet = False
+        self._draw()
+        show(self.status, f"{len(self.checkpoints)} checkpoint(s) in {len(self._run_paths)} run(s)")
+
+    def _label(self, row: pd.Series) -> str:
+        stage = f" [{row['stage']}]" if isinstance(row["stage"], str) and row["stage"] else ""
+        mark = f" ({row['best']})" if row["best"] else ""
+        return f"{row['run']} / step {row['step']}{stage}{mark}"
+
+    def _draw(self) -> None:
+        selected = self.selector.value
+        metrics = [c for c in self.checkpoints.columns if c not in (*_BASE_COLUMNS, "best")]
+        columns = ["run", "step", "stage", "size", *metrics, "best"]
+
+        def style(row: pd.Series) -> str:
+            styles = {"best": BEST_STYLE, "run best": RUN_BEST_STYLE}.get(row["best"], "")
+            return styles + (";" + SELECTED_STYLE if row["path"] == selected else "")
+
+        self.table.value = html_table(self.checkpoints, columns, style, key="path")
+        self.summary.value = (f"<b>{html.escape(str(self.path))}</b>: {len(self.checkpoints)} checkpoint(s); "
+                              f"highlighted: {html.escape(self._criterion)} (validation only)")
+
+    def _selection_changed(self, _: Any = None) -> None:
+        if self._quiet:
+            return
+        self._disarm()
+        self._draw()
+
+    # -- selection ----------------------------------------------------------------------------
+
+    def select(self, path_or_step: int | str | os.PathLike[str]) -> Path:
+        """Select a checkpoint by its path, or by its step (when only one run has that step); returns its path.
+
+        Raises:
+            ValueError: no such checkpoint, or a step that several runs have.
+        """
+        paths = self.checkpoints["path"]
+        if isinstance(path_or_step, int) and not isinstance(path_or_step, bool):
+            matches = self.checkpoints[self.checkpoints["step"] == path_or_step]
+            if len(matches) > 1:
+                raise ValueError(f"step {path_or_step} is in several runs ({', '.join(matches['run'])}): "
+                                 "select by the checkpoint's path")
+            if matches.empty:
+                steps = ", ".join(str(s) for s in sorted(set(self.checkpoints["step"])))
+                raise ValueError(f"no checkpoint of step {path_or_step}; steps: {steps or 'none yet'}")
+            path = matches["path"].iloc[0]
+        else:
+            wanted = Path(path_or_step).resolve()
+            found = [p for p in paths if Path(p).resolve() == wanted]
+            if not found:
+                raise ValueError(f"{path_or_step} is not one of the checkpoints listed; refresh() if it is new, "
+                                 f"or choose from: {', '.join(paths) or 'none yet'}")
+            path = found[0]
+        self.selector.value = path
+        return Path(path)
+
+    def _selected(self) -> Path:
+        if self.selector.value is None:
+            raise ValueError("no checkpoint selected: the runs have no checkpoints yet (refresh when they do)")
+        return Path(self.selector.value)
+
+    def _run_of(self, checkpoint: Path) -> Path:
+        run = self.checkpoints.loc[self.checkpoints["path"] == str(checkpoint), "run"].iloc[0]
+        return self._run_paths[run]
+
+    # -- actions ------------------------------------------------------------------------------
+
+    def load(self) -> nn.Module:
+        """Load the selected checkpoint into a fresh copy of its run's model (``wb.load_run_model``)."""
+        path = self._selected()
+        show(self.status, f"loading {path} ...")
+        self.model, progress = wb.load_run_model(path)
+        self.loaded = path
+        show(self.status, f"loaded {path.name} of {self._run_of(path).name} (step {progress['step']}, "
+                          f"{wb.trainable_parameters(self.model):,} trainable parameters) into .model")
+        return self.model
+
+    def evaluate(self) -> dict[str, float]:
+        """Measure the selected checkpoint on the val and test splits (``wb.evaluate_checkpoint``).
+
+        Returns ``{"val_loss", "val_acc", "test_loss", "test_acc"}``. Choose checkpoints on
+        validation; the test figures are for reporting the one chosen.
+        """
+        path = self._selected()
+        show(self.status, f"evaluating {path.name} on val and test ...")
+        self.evaluation = {**wb.evaluate_checkpoint(path, "val"), **wb.evaluate_checkpoint(path, "test")}
+        text = ", ".join(f"{name} {value:.4g}" for name, value in self.evaluation.items())
+        show(self.status, f"{self._run_of(path).name} / {path.name}: {text}")
+        return self.evaluation
+
+    def merge(self) -> float:
+        """Merge the adapters of the loaded model (loading the selected checkpoint first if needed).
+
+        Returns the largest absolute difference between the merged and unmerged outputs on one
+        validation batch: ``max |f_merged(x) - f(x)|``, float rounding only (about 1e-6).
+        """
+        path = self._selected()
+        if self.model is None or self.loaded != path:
+            self.load()
+        settings = wb.run_settings(self._run_of(path))
+        inputs, _ = next(iter(wb.tasks.get_task(settings["task"]).loaders(settings["seed"])["val"]))
+        model = self.model.eval()
+        with torch.no_grad():
+            unmerged = wb.unmerge_adapters(model)(inputs)
+            merged = wb.merge_adapters(model)(inputs)
+        difference = float((merged - unmerged).abs().max())
+        show(self.status, f"merged the adapters of {path.name} in .model: max |merged - unmerged| output on a "
+                          f"validation batch of {len(inputs)} = {difference:.3g}")
+        return difference
+
+    def export(self, to: str | os.PathLike[str] | None = None) -> Path:
+        """Export the selected checkpoint in peft's format (``wb.export_checkpoint``) to ``to``, default the
+        directory typed in ``export_to``; returns the directory.
+
+        Raises:
+            ValueError: no directory given, or it exists and is not empty.
+        """
+        path = self._selected()
+        if to is not None:
+            self.export_to.value = str(to)
+        typed = self.export_to.value.strip()
+        if not typed:
+            raise ValueError("type the directory to export to in the 'export to' box")
+        target = Path(typed).expanduser()
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise ValueError(f"{target} exists and is not an empty directory: choose a new or empty one")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = wb.export_checkpoint(path, target)
+        notes = "".join(f" Note: {w.message}" for w in caught)
+        show(self.status, f"exported {path.name} of {self._run_of(path).name} to {out} "
+                          f"(adapter_config.json, adapter_model.safetensors).{notes}")
+        return out
+
+    def delete(self) -> None:
+        """Delete the selected checkpoint (``wb.delete_checkpoint``) and refresh the table.
+
+        Raises:
+            wb.CheckpointError: another process or run holds the checkpoints' lock; nothing is deleted.
+        """
+        path = self._selected()
+        wb.delete_checkpoint(path)
+        self.refresh()
+        show(self.status, f"deleted {path}")
+
+    def _delete_clicked(self) -> None:
+        """The first click arms the Delete button; a second click on the same selection deletes."""
+        selected = self.selector.value
+        if selected is None or self._armed != selected:
+            self._selected()
+            self._armed = selected
+            self.delete_button.description = "Confirm delete"
+            show(self.status, f"click 'Confirm delete' to delete {selected}", error=True)
+            return
+        self._disarm()
+        self.delete()
+
+    def _disarm(self) -> None:
+        self._armed = None
+        self.delete_button.description = "Delete"

@@ -1,0 +1,237 @@
+"""``Compare``: overlay the validation curves of chosen runs and pick the best checkpoint among them.
+
+Runs are filtered by variant and rank; the chosen ones are drawn in one plotly FigureWidget
+(``wb.plots.validation_curves``, markers at the checkpoints) whose data is replaced in place on
+every change, beside a table of trainable parameters against each run's best validation metric.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import ipywidgets as widgets
+import pandas as pd
+import plotly.graph_objects as go
+from IPython.display import display
+
+import workbench as wb
+
+from .browser import BEST_STYLE, catching, html_table, show
+
+METRICS = {"loss": "validation loss", "acc": "validation accuracy"}
+
+
+def _mode(metric: str) -> str:
+    return "max" if metric == "acc" else "min"
+
+
+def _reselect(select: widgets.SelectMultiple, options: Sequence[tuple[str, Any]]) -> None:
+    """Give ``select`` new options, keeping the choice: options it had keep their state, new ones are chosen."""
+    before, chosen = {value for _, value in select.options}, set(select.value)
+    select.options = list(options)
+    select.value = tuple(value for _, value in options if value in chosen or value not in before)
+
+
+class Compare:
+    """A panel comparing the runs of a directory.
+
+    Args:
+        runs_dir: a directory of runs (as ``wb.sweep`` writes), or one run.
+
+    Attributes:
+        variants, ranks: multi-selects that filter the runs offered.
+        runs: a multi-select of the runs drawn (those the filters pass).
+        metric: the validation metric drawn and ranked: ``"loss"`` (lowest best) or ``"acc"`` (highest).
+        figure: the one ``go.FigureWidget``: a line per chosen run, markers at its checkpoints.
+        table: per chosen run: trainable parameters against its best checkpoint by the metric.
+        best_button: sets ``best`` (``pick_best``); status: messages and errors.
+        best: the best checkpoint over the chosen runs, or None until picked.
+        widget: the panel.
+
+    Raises:
+        ValueError: ``runs_dir`` is no directory, or holds no run.
+    """
+
+    def __init__(self, runs_dir: str | os.PathLike[str]) -> None:
+        self.path = Path(runs_dir)
+        self.best: Path | None = None
+        self.best_row: pd.Series | None = None
+        self.run_table = pd.DataFrame()
+        self.metrics = pd.DataFrame()
+        self.checkpoints = pd.DataFrame()
+        self._quiet = False
+
+        self.variants = widgets.SelectMultiple(description="variants", rows=5)
+        self.ranks = widgets.SelectMultiple(description="ranks", rows=5, layout=widgets.Layout(width="180px"))
+        self.runs = widgets.SelectMultiple(description="runs", rows=8, layout=widgets.Layout(width="380px"))
+        self.metric = widgets.Dropdown(options=[(label, key) for key, label in METRICS.items()], value="loss",
+                                       description="metric")
+        self.best_button = widgets.Button(description="Pick best", icon="trophy", button_style="success",
+                                          tooltip="the best checkpoint of the chosen runs by the metric")
+        self.refresh_button = widgets.Button(description="Refresh", icon="refresh")
+        self.figure = go.FigureWidget()
+        self.table = widgets.HTML()
+        self.status = widgets.HTML()
+
+        self.variants.observe(catching(self.status, self._filter), names="value")
+        self.ranks.observe(catching(self.status, self._filter), names="value")
+        self.runs.observe(catching(self.status, self._runs_changed), names="value")
+        self.metric.observe(catching(self.status, self._metric_changed), names="value")
+        self.best_button.on_click(catching(self.status, self.pick_best))
+        self.refresh_button.on_click(catching(self.status, self.refresh))
+
+        self.widget = widgets.VBox([
+            widgets.HBox([self.variants, self.ranks, self.runs]),
+            widgets.HBox([self.metric, self.best_button, self.refresh_button]),
+            self.figure, self.table, self.status,
+        ])
+        self.refresh()
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any] | None:
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    def _ipython_display_(self) -> None:
+        display(self.widget)
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Read the directory again (runs still being written show what they have) and redraw.
+
+        Raises:
+            ValueError: the directory is gone or holds no run.
+        """
+        runs = wb.load_runs(self.path)
+        if runs.empty:
+            raise ValueError(f"{self.path} holds no run: none of its subdirectories has a config.json "
+                             "(a run directory written by wb.Run, wb.train or wb.sweep)")
+        self.run_table = runs
+        self.metrics = wb.load_metrics(self.path)
+        self.checkpoints = wb.load_checkpoints(self.path)
+        present = set(runs["variant"])
+        variants = [v for v in wb.VARIANTS if v in present] + sorted(present - set(wb.VARIANTS))
+        self._quiet = True
+        try:
+            _reselect(self.variants, [(v, v) for v in variants])
+            _reselect(self.ranks, [(str(r), int(r)) for r in sorted(set(runs["rank"]))])
+        finally:
+            self._quiet = False
+        self._filter()
+        show(self.status, f"{len(runs)} run(s), {len(self.checkpoints)} checkpoint(s) in {self.path}")
+
+    def _filter(self, _: Any = None) -> None:
+        if self._quiet:
+            return
+        chosen = self.run_table[self.run_table["variant"].isin(self.variants.value)
+                                & self.run_table["rank"].isin(self.ranks.value)]
+        self._quiet = True
+        try:
+            _reselect(self.runs, [(run, run) for run in chosen["run"]])
+        finally:
+            self._quiet = False
+        self._runs_changed()
+
+    def _runs_changed(self, _: Any = None) -> None:
+        if self._quiet:
+            return
+        if self.best_row is not None and self.best_row["run"] not in self.runs.value:
+            self._forget_best()
+        self._draw()
+
+    def _metric_changed(self, _: Any = None) -> None:
+        if self.best is not None:
+            self._forget_best()
+            show(self.status, "the metric changed: pick the best again")
+        self._draw()
+
+    def _forget_best(self) -> None:
+        self.best, self.best_row = None, None
+
+    # -- drawing ------------------------------------------------------------------------------
+
+    def _draw(self) -> None:
+        """Replace the figure's traces and layout in place, and rebuild the table."""
+        chosen, metric = list(self.runs.value), self.metric.value
+        checkpoints = self.checkpoints[self.checkpoints["run"].isin(chosen)]
+        figure = wb.plots.validation_curves(self.metrics, metric, runs=chosen, checkpoints=checkpoints)
+        if self.best_row is not None and f"val_{metric}" in self.best_row:
+            figure.add_trace(go.Scatter(
+                x=[self.best_row["step"]], y=[self.best_row[f"val_{metric}"]], mode="markers", name="best",
+                marker={"symbol": "star", "size": 18, "color": "gold", "line": {"color": "black", "width": 1}},
+                hovertemplate=f"best: {self.best_row['run']}<br>step %{{x}}<br>val {metric} %{{y:.4g}}<extra></extra>",
+            ))
+        if not chosen:
+            figure.update_layout(title="No run chosen: choose runs (or widen the variant and rank filters)")
+        with self.figure.batch_update():
+            self.figure.data = ()
+            self.figure.add_traces(list(figure.data))
+            self.figure.update_layout(figure.layout.to_plotly_json(), overwrite=True)
+        self.table.value = self._table_html(chosen, metric)
+
+    def run_summary(self, runs: Sequence[str] | None = None) -> pd.DataFrame:
+        """Per run (default: the chosen ones): run, variant, rank, trainable, its best checkpoint's
+        ``val_<metric>`` and step by the panel's metric, test_loss, test_acc, status; by trainable."""
+        metric = f"val_{self.metric.value}"
+        runs = list(self.runs.value) if runs is None else list(runs)
+        table = self.run_table[self.run_table["run"].isin(runs)]
+        bests = []
+        for run in table["run"]:
+            scored = self.checkpoints[self.checkpoints["run"] == run]
+            scored = scored[pd.to_numeric(scored[metric], errors="coerce").notna()] if metric in scored else scored[:0]
+            if scored.empty:
+                bests.append({"run": run, metric: None, "best step": None})
+                continue
+            row = scored.loc[scored[metric].idxmin() if _mode(self.metric.value) == "min" else scored[metric].idxmax()]
+            bests.append({"run": run, metric: float(row[metric]), "best step": int(row["step"])})
+        columns = ["run", "variant", "rank", "trainable", metric, "best step", "test_loss", "test_acc", "status"]
+        summary = table.merge(pd.DataFrame(bests, columns=["run", metric, "best step"]), on="run")
+        return summary[columns].sort_values(["trainable", "run"], kind="stable").reset_index(drop=True)
+
+    def _table_html(self, chosen: Sequence[str], metric: str) -> str:
+        if not chosen:
+            return "<i>no run chosen</i>"
+        summary = self.run_summary(chosen)
+        best_run = None if self.best_row is None else self.best_row["run"]
+        direction = "lowest" if _mode(metric) == "min" else "highest"
+        caption = (f"<b>Trainable parameters against the best val_{metric}</b> ({direction}, over each run's "
+                   "checkpoints; test figures: on the checkpoint the run's monitor chose)")
+        return caption + html_table(summary, list(summary.columns),
+                                    lambda row: BEST_STYLE if row["run"] == best_run else "", key="run")
+
+    # -- choosing -----------------------------------------------------------------------------
+
+    def pick_best(self) -> Path:
+        """Set ``best`` to the best checkpoint over the chosen runs by the metric, show and highlight it.
+
+        Each run's best is ``wb.best_checkpoint(run, "val_<metric>", mode)``; the best of those
+        wins (the first chosen run on a tie).
+
+        Raises:
+            ValueError: no run chosen, or none of them has a checkpoint with the metric yet.
+        """
+        chosen = list(self.runs.value)
+        if not chosen:
+            raise ValueError("choose at least one run first (the runs box; the variant and rank filters narrow it)")
+        metric, mode = f"val_{self.metric.value}", _mode(self.metric.value)
+        paths = dict(zip(self.run_table["run"], self.run_table["path"], strict=True))
+        candidates = []
+        for run in chosen:
+            try:
+                best = wb.best_checkpoint(paths[run], metric, mode)
+            except ValueError:  # no checkpoint of this run records the metric yet
+                continue
+            table = wb.load_checkpoints(paths[run])
+            candidates.append(table[table["path"] == str(best)].iloc[0])
+        if not candidates:
+            raise ValueError(f"none of the chosen runs has a checkpoint with {metric} yet; refresh once they do")
+        values = [row[metric] for row in candidates]
+        row = candidates[values.index(min(values) if mode == "min" else max(values))]
+        self.best, self.best_row = Path(row["path"]), row
+        self._draw()
+        recorded = ", ".join(f"{k} {row[k]:.4g}" for k in row.index if str(k).startswith("val_") and pd.notna(row[k]))
+        show(self.status, f"best of {len(chosen)} run(s) by {metric} ({'lowest' if mode == 'min' else 'highest'}): "
+                          f"{self.best} (run {row['run']}, step {row['step']}: {recorded})")
+        return self.best
