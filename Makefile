@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench
+.PHONY: run test lab bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,9 +15,25 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(PY) -m workbench experiment
 
-test: $(STAMP)
-	$(PY) -m ruff check workbench tests benchmarks
+# tests/test_browser.py drives Debian's Chromium; installed here when missing (sudo unless root).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+$(CHROMIUM):
+	$(SUDO) apt-get update -q
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver
+
+test: $(STAMP) $(CHROMIUM)
+	$(PY) -m ruff check workbench tests benchmarks notebooks
 	$(PY) -m pytest
 
+# JupyterLab on the example notebooks.
+lab: $(STAMP)
+	$(PY) -m jupyterlab notebooks/
+
+# Benchmarks run by hand; figures in benchmarks/README.md.
 bench: $(STAMP)
 	$(PY) benchmarks/adapters.py
+	$(PY) benchmarks/checkpoints.py
+	$(PY) benchmarks/trainer.py --repeats 7
+	$(PY) benchmarks/ui.py

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -166,8 +165,6 @@ def _experiment(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # torchdata's loader calls an API torch deprecated; the warning says nothing about the user's run.
-    warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -15,6 +15,7 @@ sequences (B, T) alike. Wrap your own model and data by building a ``Task`` dire
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -77,11 +78,13 @@ def make_loaders(datasets: Mapping[str, Dataset], batch_size: int, seed: int) ->
     shifts dropout.
     """
     loaders = {}
-    for split, dataset in datasets.items():
-        if split == "train":
-            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
-            loaders[split] = StatefulDataLoader(dataset, batch_size=batch_size, sampler=sampler,
-                                                generator=torch.Generator().manual_seed(seed + 1))
-        else:
-            loaders[split] = StatefulDataLoader(dataset, batch_size=max(batch_size, 256), shuffle=False)
+    with warnings.catch_warnings():  # torchdata's loader calls a torch API deprecated since; nothing of ours
+        warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+        for split, dataset in datasets.items():
+            if split == "train":
+                sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+                loaders[split] = StatefulDataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                                                    generator=torch.Generator().manual_seed(seed + 1))
+            else:
+                loaders[split] = StatefulDataLoader(dataset, batch_size=max(batch_size, 256), shuffle=False)
     return loaders

@@ -227,10 +227,11 @@ class Workbench:
         self.status = widgets.HTML(value="Choose the settings and press Launch.")
         self.progress = widgets.IntProgress(value=0, min=0, max=1, description="progress")
         self.figure = go.FigureWidget(make_subplots(
-            rows=1, cols=2, subplot_titles=("loss (thin: training, thick: validation; markers: checkpoints)",
-                                            "validation accuracy")))
-        self.figure.update_layout(template=wb.plots.TEMPLATE, height=380, margin={"t": 40, "b": 40},
-                                  legend_title_text="run")
+            rows=1, cols=2, subplot_titles=("loss", "validation accuracy")))
+        self.figure.update_layout(template=wb.plots.TEMPLATE, height=400, margin={"t": 70, "b": 40},
+                                  legend_title_text="run", autosize=True,
+                                  title={"text": "thin: training loss, thick: validation, diamonds: checkpoints",
+                                         "font": {"size": 13}})
         self.figure.update_xaxes(title_text="step")
 
         settings = widgets.VBox([self.variant, self.alpha, *self.options.values(), self.lr, self.seed])
