@@ -41,7 +41,7 @@ def _trainer(tmp_path, name: str, steps: int = 60, callbacks=(), **kwargs) -> Tr
     task = _scratch_task()
     model = wb.add_adapters(task.base_model(), "lora", 4, dropout=0.1)
     return Trainer(model, task, lr=1e-2, steps=steps, eval_every=10, save_every=20, seed=3,
-                   checkpoints=tmp_path / name / "checkpoints", metrics_log=tmp_path / name / "metrics.jsonl",
+                   checkpoints=kwargs.pop("checkpoints", tmp_path / name / "checkpoints"), metrics_log=tmp_path / name / "metrics.jsonl",
                    callbacks=callbacks, progress_bar=False, **kwargs)
 
 
@@ -127,6 +127,14 @@ def test_stop_from_another_thread_saves_and_resume_continues_exactly(tmp_path):
     final = "checkpoints/step-00000080/model.safetensors"
     a, b = load_file(tmp_path / "stopped" / final), load_file(tmp_path / "straight" / final)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_finished_run_ends_with_a_finetuned_checkpoint_that_pruning_keeps(tmp_path):
+    manager = wb.CheckpointManager(tmp_path / "run" / "checkpoints", keep_last=1)
+    trainer = _trainer(tmp_path, "run", steps=60, checkpoints=manager)
+    assert trainer.fit() == "finished"
+    table = manager.list()
+    assert table[["step", "stage"]].values.tolist() == [[60, "finetuned"]]
 
 
 def test_a_stop_asked_before_fit_starts_is_not_lost(tmp_path):

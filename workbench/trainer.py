@@ -22,6 +22,7 @@ from .optim import make_optimizer
 from .tasks.base import Task, classification_counts, classification_loss
 
 RECENT_LOSSES = 50
+FINAL_STAGE = "finetuned"  # the stage label of the checkpoint a finished fit ends with; never pruned
 
 
 class Callback:
@@ -161,7 +162,8 @@ class Trainer:
         same losses, parameters and optimizer state as a run that was never interrupted.
         A non-finite loss ends the run before that step is applied or saved, so no checkpoint
         ever holds a diverged state; ``trainer.message`` says at which step. When ``fit``
-        returns, every checkpoint is on disk and the directory's lock is released.
+        returns, every checkpoint is on disk and the directory's lock is released. A finished
+        run's last checkpoint has the stage label "finetuned", so pruning never deletes it.
         """
         torch.manual_seed(self.seed)
         if not (resume and self.resume()):
@@ -196,7 +198,7 @@ class Trainer:
                     for callback in self.callbacks:
                         callback.on_evaluate(self, self.last_metrics)
                 if saving:
-                    self._save()
+                    self._save(FINAL_STAGE if at_end else None)
                 bar.update(1)
                 bar.set_postfix({"loss": f"{value:.4f}", **self._shown_metric()}, refresh=False)
                 if self._stop.is_set():
@@ -235,12 +237,13 @@ class Trainer:
             raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(self.loaders)}")
         return evaluate(self.model, self.loaders[split], self.loss, self.counts, split, self.device, self.process_group)
 
-    def _save(self) -> None:
+    def _save(self, stage: str | None = None) -> None:
         if self.checkpoints is None:
             return
         extra = {"loader": self.loaders["train"].state_dict(), "epoch": self.epoch, "losses": list(self.recent_losses)}
         self._flush_log()
-        path = self.checkpoints.save(self.step, self.model, self.optimizer, metrics=self.last_metrics, extra=extra)
+        path = self.checkpoints.save(self.step, self.model, self.optimizer, metrics=self.last_metrics, stage=stage,
+                                     extra=extra)
         for callback in self.callbacks:
             callback.on_save(self, path)
 
