@@ -15,11 +15,10 @@ from typing import Any
 import ipywidgets as widgets
 import pandas as pd
 import plotly.graph_objects as go
-from IPython.display import display
 
 import workbench as wb
 
-from .browser import BEST_STYLE, catching, html_table, show
+from .panel import BEST_STYLE, Panel, catching, html_table, show
 
 METRICS = {"loss": "validation loss", "acc": "validation accuracy"}
 
@@ -35,7 +34,7 @@ def _reselect(select: widgets.SelectMultiple, options: Sequence[tuple[str, Any]]
     select.value = tuple(value for _, value in options if value in chosen or value not in before)
 
 
-class Compare:
+class Compare(Panel):
     """A panel comparing the runs of a directory.
 
     Args:
@@ -89,12 +88,6 @@ class Compare:
             self.figure, self.table, self.status,
         ])
         self.refresh()
-
-    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any] | None:
-        return self.widget._repr_mimebundle_(**kwargs)
-
-    def _ipython_display_(self) -> None:
-        display(self.widget)
 
     # -- reading ------------------------------------------------------------------------------
 

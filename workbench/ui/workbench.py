@@ -32,6 +32,8 @@ from torch import nn
 
 import workbench as wb
 
+from .panel import Panel
+
 RANKS = (1, 2, 4, 8, 16, 32, 64)
 SHOWN_OPTIONS = ("lr_ratio", "delta_lambda", "delta_start", "d_initial")
 DRAW_INTERVAL = 0.4  # seconds between two redraws of the figure and the progress bar during a run
@@ -159,7 +161,7 @@ class _LiveCallback(wb.Callback):
         self.panel._show(trainer, self.index, self.label)
 
 
-class Workbench:
+class Workbench(Panel):
     """The main notebook panel: settings, Launch / Stop, a status line, a progress bar, a live figure.
 
     Example::
@@ -255,9 +257,6 @@ class Workbench:
         self._show_variant_controls()
 
     # -- display ------------------------------------------------------------------------------
-
-    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any] | None:
-        return self.widget._repr_mimebundle_(**kwargs)
 
     def _show_variant_controls(self) -> None:
         uses_alpha, options = self._choices[self.variant.value]
