@@ -237,12 +237,109 @@ def test_browser_failed_actions_show_messages(runs, scratch, tmp_path, no_callba
     shutil.copy(run_dir(runs, "lora", 2) / "config.json", empty)
     browser = CheckpointBrowser(empty)
     assert browser.checkpoints.empty and browser.selector.value is None and browser.best is None
-    for button in (browser.load_button, browser.evaluate_button, browser.merge_button, browser.export_button):
+    for button in (browser.load_button, browser.evaluate_button, browser.merge_button, browser.export_button,
+                   browser.reduce_button, browser.spectrum_button):
         browser.status.value = ""
         button.click()
         assert "no checkpoint selected" in status(browser)
     browser.delete_button.click()
     assert "no checkpoint selected" in status(browser) and browser.model is None
+
+
+def test_browser_reduce_rank_equals_reduce_checkpoint_and_adds_a_rank_reduced_row(scratch, tmp_path,
+                                                                                      no_callback_errors):
+    browser = CheckpointBrowser(scratch)
+    chosen = browser.select(str(run_dir(scratch, "lora", 4) / "checkpoints" / "step-00000030"))
+    browser.reduce_mode.value, browser.reduce_rank.value = "rank", 2
+    browser.reduce_button.click()
+    out = scratch / "lora-r4-lr0.01-s0-reduced-r2"
+    assert browser.reduced == out / "checkpoints" / "step-00000030"
+    assert browser.selector.value == str(chosen)  # the source stays selected
+
+    listed = browser.checkpoints.set_index("path")
+    assert len(listed) == 13 and listed["stage"].tolist().count("rank-reduced") == 1
+    assert (listed.loc[str(browser.reduced), "run"], listed.loc[str(browser.reduced), "stage"]) == (
+        out.name, "rank-reduced")
+    assert str(browser.reduced) in [key for _, key in table_rows(browser.table.value)]
+    assert listed.loc[str(browser.reduced), "val_loss"] == wb.evaluate_checkpoint(browser.reduced, "val")["val_loss"]
+
+    path, direct = wb.reduce_checkpoint(chosen, tmp_path / "direct", rank=2)
+    pd.testing.assert_frame_equal(browser.reduction, direct)
+    assert browser.reduction["new_rank"].tolist() == [2, 2, 2]
+    for _, row in browser.reduction.iterrows():  # the per-layer table is in the panel
+        assert f"<td style=\"padding:2px 8px\">{row['layer']}</td>" in browser.details.value
+        assert f"{row['kept_energy']:.4g}" in browser.details.value
+    reduced, _ = wb.load_run_model(browser.reduced)
+    reference, _ = wb.load_run_model(chosen)
+    wb.reduce_rank(reference, rank=2)
+    assert torch.equal(outputs(reduced, val_batch()), outputs(reference, val_batch()))
+    assert f"into the run {out.name}" in status(browser) and "val_acc" in status(browser)
+
+    browser.reduce_mode.value, browser.reduce_energy.value = "energy", 0.5
+    browser.reduce_button.click()
+    by_energy = wb.spectrum(chosen)
+    kept = wb.effective_rank(by_energy, 0.5)
+    assert browser.reduced.parent.parent.name == "lora-r4-lr0.01-s0-reduced-e0.5"
+    assert browser.reduction.set_index("layer")["new_rank"].to_dict() == kept.to_dict()
+    assert (browser.reduction["kept_energy"] >= 0.5).all()
+
+    single = CheckpointBrowser(run_dir(scratch, "lora", 2))  # a browser over one run: the new run goes beside it
+    single.reduce(rank=1)
+    assert (scratch / "lora-r2-lr0.01-s0-reduced-r1" / "config.json").exists()
+    assert len(single.checkpoints) == 3 and "lists both" in status(single)
+
+
+def test_browser_spectrum_draws_the_selected_checkpoint_and_its_effective_ranks(runs, no_callback_errors):
+    browser = CheckpointBrowser(runs)
+    assert browser.figure is None  # no figure (and no plotly.js) until asked for
+    chosen = browser.select(str(run_dir(runs, "lora", 4) / "checkpoints" / "step-00000020"))
+    browser.spectrum_button.click()
+    figure = browser.figure
+    expected = wb.spectrum(chosen)
+    pd.testing.assert_frame_equal(browser.shown_spectrum, expected)
+    for layer, rows in expected.groupby("layer"):
+        values, energies = [t for t in figure.data if t.name == layer]  # singular values, then cumulative energy
+        assert list(values.x) == rows["index"].tolist() == [1, 2, 3, 4]
+        assert list(values.y) == rows["value"].tolist() and list(energies.y) == rows["energy"].tolist()
+    ranks = wb.effective_rank(expected, 0.9)
+    assert browser.effective_ranks.equals(ranks)
+    assert all(f"{layer} {rank}" in status(browser) for layer, rank in ranks.items())
+    assert [shape.y0 for shape in figure.layout.shapes] == [0.9]
+
+    other = browser.select(str(run_dir(runs, "lora", 2) / "checkpoints" / "step-00000030"))
+    browser.reduce_energy.value = 0.5
+    browser.spectrum()
+    assert browser.figure is figure and browser._figure_box.children == (figure,)  # redrawn in place
+    expected = wb.spectrum(other)
+    assert sorted(y for t in figure.data if t.xaxis == "x" for y in t.y) == sorted(expected["value"])
+    assert browser.effective_ranks.equals(wb.effective_rank(expected, 0.5))
+    assert [shape.y0 for shape in figure.layout.shapes] == [0.5] and other.parent.parent.name in figure.layout.title.text
+
+
+def test_browser_reduce_and_spectrum_failures_show_in_the_status_line(scratch, no_callback_errors):
+    browser = CheckpointBrowser(scratch)
+    before = sorted(p.name for p in scratch.iterdir())
+    browser.select(str(run_dir(scratch, "vera", 4) / "checkpoints" / "step-00000030"))
+    browser.reduce_button.click()
+    assert "'vera' cannot be rank-reduced" in status(browser)
+    browser.select(str(run_dir(scratch, "lora", 2) / "checkpoints" / "step-00000030"))
+    browser.reduce_rank.value = 4
+    browser.reduce_button.click()
+    assert "rank 4 for layer" in status(browser) and "current rank 2" in status(browser)
+    browser.reduce_mode.value, browser.reduce_energy.value = "energy", 1.5
+    browser.reduce_button.click()
+    assert "energy must be a number in (0, 1]" in status(browser)
+    browser.spectrum_button.click()
+    assert "energy must be a number in (0, 1]" in status(browser) and browser.figure is None
+    assert sorted(p.name for p in scratch.iterdir()) == before  # nothing written
+    with pytest.raises(ValueError, match="not both"):
+        browser.reduce(rank=1, energy=0.9)
+
+    browser.reduce_mode.value, browser.reduce_rank.value = "rank", 1
+    browser.reduce_button.click()
+    browser.reduce_button.click()  # the same reduction again: its directory holds a run now
+    assert "holds a run already" in status(browser)
+    assert len(browser.checkpoints) == 13
 
 
 # -- Compare ---------------------------------------------------------------------------------------

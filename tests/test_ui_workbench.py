@@ -105,8 +105,8 @@ def test_a_launch_trains_in_the_background_and_the_figure_holds_the_logged_value
 
 def test_variant_options_are_shown_only_for_their_variant_and_reach_the_run(tmp_path):
     panel = panel_for(tmp_path, steps=5)
-    expected = {"lora": set(), "lora-fa": set(), "vera": {"d_initial"}, "delta-lora": {"delta_lambda", "delta_start"},
-                "lora-plus": {"lr_ratio"}}
+    expected = {"lora": {"init"}, "lora-fa": {"init"}, "vera": {"d_initial"},
+                "delta-lora": {"init", "delta_lambda", "delta_start"}, "lora-plus": {"init", "lr_ratio"}}
     assert set(panel.variant.options) == set(wb.VARIANTS) == set(expected)
     for variant, options in expected.items():
         panel.variant.value = variant
@@ -121,6 +121,39 @@ def test_variant_options_are_shown_only_for_their_variant_and_reach_the_run(tmp_
     settings = json.loads((tmp_path / "runs" / path / "config.json").read_text())["settings"]
     assert settings["options"] == {"delta_lambda": 0.25}  # defaults left out, as a sweep records them
     assert settings["alpha"] == 8 and settings["targets"] is None  # every module = the task's default
+
+
+def test_init_is_a_choice_of_the_lora_family_and_a_pissa_launch_records_it(tmp_path):
+    panel = panel_for(tmp_path, steps=5)
+    init = panel.options["init"]
+    assert list(init.options) == ["default", "pissa"] and init.value == "default"
+    shown = []
+    for variant in wb.VARIANTS:
+        panel.variant.value = variant
+        if init.layout.display != "none":
+            shown.append(variant)
+    assert shown == ["lora", "lora-fa", "delta-lora", "lora-plus"]
+    for variant in shown:  # the choices are exactly those the library takes
+        for choice in init.options:
+            model = wb.add_adapters(wb.tasks.get_task("digits").base_model(), variant, 2, init=choice)
+            assert wb.adapter_config(model).options["init"] == choice
+        with pytest.raises(ValueError, match="expected 'default' or 'pissa'"):
+            wb.add_adapters(wb.tasks.get_task("digits").base_model(), variant, 2, init="svd")
+
+    panel.variant.value = "lora"
+    assert panel.launch()  # "default": left out of the record, as a sweep leaves it
+    (path,) = panel.wait(TIMEOUT)["path"]
+    assert json.loads((tmp_path / "runs" / path / "config.json").read_text())["settings"]["options"] == {}
+
+    init.value = "pissa"  # a run of its own beside the default one (wb.trial_name names the init)
+    assert panel.launch()
+    (path,) = panel.wait(TIMEOUT)["path"]
+    assert path.endswith("-pissa") and len(panel.runs) == 2
+    settings = json.loads((tmp_path / "runs" / path / "config.json").read_text())["settings"]
+    assert settings["options"] == {"init": "pissa"} and panel.last_error is None
+    assert wb.load_checkpoints(path)["stage"].tolist()[0] == "svd-init"
+    model, _ = wb.load_run_model(wb.best_checkpoint(path))
+    assert {layer.init for _, layer in wb.adapter_layers(model)} == {"pissa"}
 
 
 def test_two_ranks_make_two_runs(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,11 +20,15 @@ class AdapterConfig:
 
     Attributes:
         variant: one of ``wb.VARIANTS``.
-        rank: r.
-        alpha: the scale numerator (None for vera, which has none).
+        rank: r; after ``wb.reduce_rank``, the largest layer rank.
+        alpha: the scale numerator (None for vera, which has none). Every layer's scale is
+            s = alpha / rank (alpha / sqrt(rank) with rslora) of this config, also after
+            ``wb.reduce_rank``, which rescales alpha with the rank so that s stays the same.
         targets: the qualified names of the adapted layers, in module order.
         options: every option of the variant, defaults filled in.
         requires_grad: each parameter's ``requires_grad`` before adapting, restored on removal.
+        layer_ranks: qualified name -> rank of every layer when ``wb.reduce_rank`` left the
+            layers with different ranks; empty while every layer has ``rank``.
     """
 
     variant: str
@@ -32,6 +37,11 @@ class AdapterConfig:
     targets: tuple[str, ...]
     options: dict[str, Any]
     requires_grad: dict[str, bool] = field(repr=False, default_factory=dict)
+    layer_ranks: dict[str, int] = field(default_factory=dict)
+
+    def ranks(self) -> dict[str, int]:
+        """Every adapted layer's rank, by qualified name."""
+        return {name: self.layer_ranks.get(name, self.rank) for name in self.targets}
 
 
 def adapter_config(model: nn.Module) -> AdapterConfig:
@@ -43,6 +53,13 @@ def adapter_config(model: nn.Module) -> AdapterConfig:
     config = getattr(model, _CONFIG, None)
     if config is None:
         raise ValueError("the model has no adapters; add them with wb.add_adapters(model, variant, rank)")
+    return config
+
+
+def replace_config(model: nn.Module, **changes: Any) -> AdapterConfig:
+    """Record that the adapters changed shape (``wb.reduce_rank``): the config with ``changes``, stored."""
+    config = dataclasses.replace(adapter_config(model), **changes)
+    setattr(model, _CONFIG, config)
     return config
 
 
@@ -64,8 +81,9 @@ def add_adapters(
 
     Each selected ``nn.Linear`` or ``Conv1D`` is replaced in place by the variant's adapter
     layer, which keeps the original module as ``base_layer``. Afterwards only the adapters'
-    trainable tensors have ``requires_grad=True``. At initialisation every variant's update is
-    zero, so the outputs are unchanged.
+    trainable tensors have ``requires_grad=True``. At initialisation the outputs are unchanged:
+    every variant's update starts at zero, or, with ``init="pissa"`` (lora, lora-fa, delta-lora,
+    lora-plus), A and B start as the top-r SVD of W and the frozen weight is the residual.
 
     Args:
         model: any ``nn.Module``, e.g. a transformers model built from a config.
@@ -74,7 +92,7 @@ def add_adapters(
         alpha: the scale numerator of alpha / r; ``None`` means alpha = r (scale 1). Not used by vera.
         targets: see ``find_targets``: exact names, suffixes such as ``"q_proj"``, or regular
             expressions; ``None`` means every supported linear layer.
-        **options: the variant's own options, e.g. ``dropout=0.1`` for lora.
+        **options: the variant's own options, e.g. ``dropout=0.1`` for lora, ``init="pissa"``.
 
     Returns:
         The same model, adapted.
@@ -151,6 +169,8 @@ def remove_adapters(model: nn.Module, merge: bool = False) -> nn.Module:
     Args:
         merge: fold each update into its base weight first (keep what was learnt), instead of
             discarding it. Delta-LoRA's moved weights stay moved either way: they are the base.
+            Without merging, a PiSSA layer gives back the original W = W_res + s B0 A0 (within
+            float rounding), not the residual it trained on; with merging, W_res + s B A.
 
     Returns:
         The model, with no adapter left.
@@ -161,6 +181,7 @@ def remove_adapters(model: nn.Module, merge: bool = False) -> nn.Module:
             layer.merge()
         else:
             layer.unmerge()
+            layer.restore_base_weight()
         _replace(model, name, layer.base_layer)
     for name, param in model.named_parameters():
         param.requires_grad_(config.requires_grad.get(name, param.requires_grad))

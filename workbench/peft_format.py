@@ -15,6 +15,7 @@ forward of each is W x + s B A x. Only safetensors and JSON are read: never a pi
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -36,7 +37,8 @@ _PREFIX = "base_model.model."
 _DELTA_LORA_NOTE = (
     "This adapter was trained with Delta-LoRA, which also moved the base weights of the adapted "
     "layers. The file holds only A and B: load it on those moved weights (save them yourself, "
-    "e.g. with the model's state_dict), not on the original base model, to get the trained outputs."
+    "e.g. with the state_dict of wb.remove_adapters(model), which adds PiSSA's B0 A0 back), not on "
+    "the original base model, to get the trained outputs."
 )
 
 
@@ -69,8 +71,23 @@ def export_peft(
     Returns:
         The directory.
 
-    The adapter is exported against the base weights the layers hold now. For delta-lora those
-    weights moved during training; a warning and the directory's README.md say so.
+    Which variants convert, and how:
+
+    - lora, lora-fa, lora-plus, delta-lora: a plain peft LoRA (lora-fa's frozen A and LoRA+'s
+      learning rates are training details; the forward is W x + s B A x).
+    - with ``init="pissa"`` the layers hold the residual W_res = W - s B0 A0, but peft applies
+      the adapter to the original W. Since W_res + s B A = W + s (B A - B0 A0), each layer is
+      written as the exact rank-2r LoRA B' = [B, -B0], A' = [A; A0] with the same scale s
+      (lora_alpha doubled, or times sqrt(2) with rslora), as peft's own
+      ``path_initial_model_for_weight_conversion`` does.
+    - after ``wb.reduce_rank`` left layers with different ranks, peft's ``rank_pattern`` and
+      ``alpha_pattern`` give each layer its rank and the alpha that keeps its scale s.
+      (``wb.import_peft`` reads uniform ranks only.)
+    - vera: peft's VeRA, with the shared projections saved.
+
+    The file is meant for the original base model, which is what peft applies it to. For
+    delta-lora the base weights moved during training; a warning and the directory's README.md
+    say so.
     """
     config = adapter_config(model)
     variant = get_variant(config.variant)
@@ -87,17 +104,33 @@ def export_peft(
         "task_type": None,
     }
     if variant.peft_type == "LORA":
+        ranks = {}
         for name, layer in layers.items():
-            tensors[f"{_PREFIX}{name}.lora_A.weight"] = layer.lora_A
-            tensors[f"{_PREFIX}{name}.lora_B.weight"] = layer.lora_B
+            a, b = layer.lora_A, layer.lora_B
+            if layer.initial_update() is not None:  # PiSSA: W_res + s B A = W + s (B A - B0 A0)
+                a, b = torch.cat([a, layer.lora_A0]), torch.cat([b, -layer.lora_B0], dim=1)
+            tensors[f"{_PREFIX}{name}.lora_A.weight"] = a
+            tensors[f"{_PREFIX}{name}.lora_B.weight"] = b
+            ranks[name] = a.shape[0]
+        rank = max(ranks.values())
         peft_config = {
             **common,
             "peft_type": "LORA",
-            "lora_alpha": config.alpha,
+            "r": rank,
+            "lora_alpha": _alpha_for(rank, config.rank, config.alpha, config.options["rslora"]),
             "lora_dropout": config.options.get("dropout", 0.0),
             "use_rslora": config.options["rslora"],
             "init_lora_weights": True,
         }
+        # peft matches pattern keys as r"(.*\.)?(key)$": the longest name first, so a layer never takes
+        # the rank of another whose name ends its own.
+        differing = sorted((name for name in ranks if ranks[name] != rank), key=len, reverse=True)
+        if differing:
+            peft_config["rank_pattern"] = {re.escape(name): ranks[name] for name in differing}
+            peft_config["alpha_pattern"] = {
+                re.escape(name): _alpha_for(ranks[name], config.rank, config.alpha, config.options["rslora"])
+                for name in differing
+            }
     else:
         for name, layer in layers.items():
             tensors[f"{_PREFIX}{name}.vera_lambda_d"] = layer.vera_lambda_d
@@ -125,6 +158,12 @@ def export_peft(
         readme += "\n" + _DELTA_LORA_NOTE + "\n"
     _write_atomically(out / "README.md", lambda p: Path(p).write_text(readme))
     return out
+
+
+def _alpha_for(rank: int, config_rank: int, alpha: float, rslora: bool) -> float:
+    """The alpha that gives a rank-``rank`` peft LoRA the scale alpha / config_rank (or / sqrt) of ours."""
+    ratio = rank / config_rank
+    return alpha * (math.sqrt(ratio) if rslora else ratio)
 
 
 _UNSUPPORTED = {

@@ -1,9 +1,9 @@
 """Figures of runs: plain functions from the runs and metrics tables to plotly figures.
 
 The only module that builds figures. Each function takes a table that ``load_runs`` (one row per
-run) or ``load_metrics`` (long format: run, step, split, metric, value) returns, checks that it
-has the columns the figure needs, and returns a ``go.Figure``; the HTML report, the notebook
-panels and notebooks all draw with these.
+run), ``load_metrics`` (long format: run, step, split, metric, value), ``spectrum`` or
+``spectrum_over_checkpoints`` returns, checks that it has the columns the figure needs, and
+returns a ``go.Figure``; the HTML report, the notebook panels and notebooks all draw with these.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.colors import qualitative
+from plotly.subplots import make_subplots
 
 from .adapters import VARIANTS
 
@@ -201,4 +202,61 @@ def parameters_vs_metric(runs: pd.DataFrame, value: str = "best_value") -> go.Fi
     figure.update_layout(title=f"Trainable parameters against {name} (labels: rank)",
                          xaxis={"title": "trainable parameters", "type": "log"}, yaxis_title=name,
                          legend_title_text="variant", template=TEMPLATE)
+    return figure
+
+
+def spectrum(table: pd.DataFrame, energy: float | None = 0.9) -> go.Figure:
+    """Two panels, one line per layer: its update's singular values (left) and their cumulative energy (right).
+
+    Args:
+        table: ``wb.spectrum``'s table: layer, index, value, energy.
+        energy: draw this level as a dotted line on the energy panel (where a layer's line
+            crosses it is its effective rank); None draws none.
+
+    Raises:
+        ValueError: ``table`` lacks a column it needs.
+    """
+    require_columns(table, ("layer", "index", "value", "energy"), "spectrum")
+    figure = make_subplots(rows=1, cols=2, subplot_titles=("singular values", "cumulative energy"))
+    for number, (layer, points) in enumerate(table.groupby("layer", sort=False)):
+        points = points.sort_values("index")
+        color = PALETTE[number % len(PALETTE)]
+        for column, (field, label) in enumerate((("value", "s"), ("energy", "energy")), start=1):
+            figure.add_trace(go.Scatter(
+                x=points["index"], y=points[field], mode="lines+markers", name=layer, legendgroup=layer,
+                showlegend=column == 1, line={"color": color},
+                hovertemplate=f"%{{fullData.name}}<br>index %{{x}}<br>{label} %{{y:.4g}}<extra></extra>",
+            ), row=1, col=column)
+    if energy is not None:
+        figure.add_hline(y=energy, line_dash="dot", line_color="gray", row=1, col=2)
+    figure.update_xaxes(title_text="index (1 = largest)")
+    figure.update_yaxes(title_text="singular value", rangemode="tozero", row=1, col=1)
+    figure.update_yaxes(title_text="fraction of sum s^2", range=[0, 1.05], row=1, col=2)
+    figure.update_layout(title="Spectrum of each adapter's update", legend_title_text="layer", template=TEMPLATE)
+    return figure
+
+
+def effective_rank_over_checkpoints(table: pd.DataFrame) -> go.Figure:
+    """One line per layer (per run and layer, for several runs): its effective rank at each checkpoint step.
+
+    Args:
+        table: ``wb.spectrum_over_checkpoints``' table: step, layer, effective_rank (and run).
+
+    Raises:
+        ValueError: ``table`` lacks a column it needs.
+    """
+    require_columns(table, ("step", "layer", "effective_rank"), "effective ranks")
+    several = "run" in table.columns and table["run"].nunique() > 1
+    keys = ["run", "layer"] if several else ["layer"]
+    figure = go.Figure()
+    for number, (key, points) in enumerate(table.groupby(keys, sort=False)):
+        name = "/".join(str(k) for k in key)
+        figure.add_trace(go.Scatter(
+            x=points["step"], y=points["effective_rank"], mode="lines+markers", name=name,
+            line={"color": PALETTE[number % len(PALETTE)], "shape": "hv"},
+            hovertemplate="%{fullData.name}<br>step %{x}<br>effective rank %{y}<extra></extra>",
+        ))
+    figure.update_layout(title="Effective rank of each layer's update across checkpoints", xaxis_title="step",
+                         yaxis={"title": "effective rank", "dtick": 1, "rangemode": "tozero"},
+                         legend_title_text="/".join(keys), template=TEMPLATE)
     return figure

@@ -9,7 +9,7 @@ import torch
 
 from .layer import AdapterLayer
 from .lora import LoRA
-from .variant import Option, count_option, flag_option, register
+from .variant import Option, count_option, flag_option, init_option, register
 
 
 @register
@@ -28,7 +28,8 @@ class DeltaLoRA(LoRA):
     The step count lives in the optimizer's parameter group (``delta_steps``), with
     ``delta_lambda`` and ``delta_start``, so saving and loading the optimizer state keeps it.
     Options: ``rslora`` (default False), ``delta_lambda`` (default 0.5), ``delta_start``
-    (default 0; the paper starts after a warm-up of plain LoRA steps).
+    (default 0; the paper starts after a warm-up of plain LoRA steps), ``init`` ("default" or
+    "pissa", as for ``"lora"``; with PiSSA the weight that moves is the residual W - s B0 A0).
     """
 
     name = "delta-lora"
@@ -37,6 +38,7 @@ class DeltaLoRA(LoRA):
         "rslora": flag_option(),
         "delta_lambda": Option(0.5, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
         "delta_start": count_option(0),
+        "init": init_option(),
     }
 
     def param_groups(

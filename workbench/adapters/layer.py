@@ -41,7 +41,8 @@ class AdapterLayer(nn.Module, ABC):
 
     Args:
         base_layer: the wrapped ``nn.Linear`` or ``Conv1D``; kept as is, so removing the
-            adapter gives back this very module.
+            adapter gives back this very module (an init that changed its weight, PiSSA's,
+            restores it: ``restore_base_weight``).
         rank: r, the rank of the update.
 
     Attributes:
@@ -90,6 +91,22 @@ class AdapterLayer(nn.Module, ABC):
         if self.merged:
             return result
         return result + self.update(x)
+
+    def initial_update(self) -> torch.Tensor | None:
+        """The part of the original W that initialisation moved into the adapter, (out, in), or None.
+
+        The default inits move nothing (the update starts at zero). PiSSA keeps W - s B0 A0 as the
+        frozen weight; ``restore_base_weight`` adds s B0 A0 back when the adapter is removed.
+        """
+        return None
+
+    @torch.no_grad()
+    def restore_base_weight(self) -> None:
+        """W <- W + ``initial_update()``: give back what the init took out of W (unmerged layers only)."""
+        initial = self.initial_update()
+        if initial is not None:
+            weight = self.base_weight()
+            weight.add_(initial.to(weight.dtype))
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layer import AdapterLayer
-from .variant import Variant, dropout_option, flag_option, register
+from .variant import Variant, dropout_option, flag_option, init_option, register
 
 
 def lora_a_init_(tensor: torch.Tensor) -> torch.Tensor:
@@ -29,11 +29,32 @@ def lora_scaling(alpha: float, rank: int, rslora: bool) -> float:
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
+def pissa_factors(weight: torch.Tensor, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PiSSA's A0 (r, in) and B0 (out, r) for W (out, in) = U S V^T (Meng et al., 2024).
+
+    With the top r triplets: B0 = U_r sqrt(S_r / s), A0 = sqrt(S_r / s) V_r^T, so
+    s B0 A0 = U_r S_r V_r^T, the best rank-r approximation of W; as peft's ``pissa_init``,
+    the SVD runs in float32 and the factors come back in W's dtype.
+    """
+    u, singular, vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
+    root = torch.sqrt(singular[:rank] / scaling)
+    b = u[:, :rank] * root  # (out, r)
+    a = root[:, None] * vh[:rank]  # (r, in)
+    return a.to(weight.dtype), b.to(weight.dtype)
+
+
 class LoRALinear(AdapterLayer):
     """LoRA on a linear layer: h = W x + b + s B A dropout(x), with s = alpha / r.
 
     W (out, in) stays frozen; A (r, in) starts Kaiming-uniform and B (out, r) at zero, so
     delta W = s B A is 0 at initialisation and has rank at most r.
+
+    With ``init="pissa"`` (PiSSA, Meng et al., 2024, https://arxiv.org/abs/2404.02948) A and B
+    start as the principal part of W instead (``pissa_factors``: s B0 A0 = U_r S_r V_r^T) and
+    the frozen weight becomes the residual W_res = W - s B0 A0, so the outputs are unchanged
+    (within float rounding). A0 and B0 are kept as non-persistent buffers ``lora_A0``,
+    ``lora_B0``: they are recomputed from W whenever the layer is built, so checkpoints need
+    not hold them; they give W back on removal (``initial_update``) and make the peft export exact.
 
     Args:
         base_layer: the ``nn.Linear`` or ``Conv1D`` to adapt.
@@ -41,19 +62,36 @@ class LoRALinear(AdapterLayer):
         alpha: the scale numerator.
         dropout: dropout probability on the adapter path's input (the base path has none).
         rslora: scale by alpha / sqrt(r) instead of alpha / r.
+        init: ``"default"`` or ``"pissa"``.
     """
 
     variant = "lora"
 
     def __init__(
-        self, base_layer: nn.Module, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False
+        self,
+        base_layer: nn.Module,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        init: str = "default",
     ) -> None:
         super().__init__(base_layer, rank)
         weight = base_layer.weight
         self.alpha = alpha
         self.scaling = lora_scaling(alpha, rank, rslora)
-        self.lora_A = nn.Parameter(lora_a_init_(weight.new_empty(rank, self.in_features)))
-        self.lora_B = nn.Parameter(lora_b_init_(weight.new_empty(self.out_features, rank)))
+        self.init = init
+        if init == "pissa":
+            a, b = pissa_factors(self.base_weight(), rank, self.scaling)
+            with torch.no_grad():
+                self.base_weight().sub_((b @ a) * self.scaling)  # W_res = W - s B0 A0
+            self.register_buffer("lora_A0", a.clone(), persistent=False)
+            self.register_buffer("lora_B0", b.clone(), persistent=False)
+        else:
+            a = lora_a_init_(weight.new_empty(rank, self.in_features))
+            b = lora_b_init_(weight.new_empty(self.out_features, rank))
+        self.lora_A = nn.Parameter(a)
+        self.lora_B = nn.Parameter(b)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,19 +105,43 @@ class LoRALinear(AdapterLayer):
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {"lora_A": self.lora_A, "lora_B": self.lora_B}
 
+    def initial_update(self) -> torch.Tensor | None:
+        """s B0 A0 for PiSSA (what W_res lacks of W), else None."""
+        if self.init != "pissa":
+            return None
+        return (self.lora_B0 @ self.lora_A0) * self.scaling
+
+    @torch.no_grad()
+    def set_factors(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Replace A, B by ``a`` (r', in) and ``b`` (out, r'); the rank becomes r', the scale s stays.
+
+        The new parameters keep the old ones' dtype, device and ``requires_grad`` (LoRA-FA's A stays
+        frozen). They are new tensors: an optimizer built before must be rebuilt.
+        """
+        rank = a.shape[0]
+        if a.shape != (rank, self.in_features) or b.shape != (self.out_features, rank):
+            raise ValueError(
+                f"factors of shapes {tuple(a.shape)}, {tuple(b.shape)} do not fit a ({self.out_features}, "
+                f"{self.in_features}) layer: need (r, {self.in_features}) and ({self.out_features}, r)"
+            )
+        old_a, old_b = self.lora_A, self.lora_B
+        self.lora_A = nn.Parameter(a.to(old_a), requires_grad=old_a.requires_grad)
+        self.lora_B = nn.Parameter(b.to(old_b), requires_grad=old_b.requires_grad)
+        self.rank = rank
+
 
 @register
 class LoRA(Variant):
-    """``"lora"``: options ``dropout`` (default 0.0) and ``rslora`` (default False)."""
+    """``"lora"``: options ``dropout`` (default 0.0), ``rslora`` (default False), ``init`` ("default" or "pissa")."""
 
     name = "lora"
-    options = {"dropout": dropout_option(), "rslora": flag_option()}
+    options = {"dropout": dropout_option(), "rslora": flag_option(), "init": init_option()}
     layer: type[LoRALinear] = LoRALinear
 
     def build(
         self, bases: Mapping[str, nn.Module], rank: int, alpha: float, options: Mapping[str, Any]
     ) -> dict[str, AdapterLayer]:
-        layer_options = {key: options[key] for key in ("dropout", "rslora") if key in options}
+        layer_options = {key: options[key] for key in ("dropout", "rslora", "init") if key in options}
         layers = {}
         for name, base in bases.items():
             layer = self.layer(base, rank, alpha, **layer_options)

@@ -39,9 +39,9 @@ class _FrozenAProjection(torch.autograd.Function):
 class LoRAFALinear(LoRALinear):
     """LoRA-FA on a linear layer: h = W x + b + s B A dropout(x) with A frozen after its init.
 
-    Only B (out, r) trains; A (r, in) keeps its Kaiming-uniform draw and is stored as a
-    parameter with ``requires_grad=False``. The backward keeps A x (..., r) instead of x (..., in).
-    Same arguments as ``LoRALinear``.
+    Only B (out, r) trains; A (r, in) keeps its Kaiming-uniform draw (with ``init="pissa"``: the
+    SVD factor sqrt(S_r / s) V_r^T) and is stored as a parameter with ``requires_grad=False``.
+    The backward keeps A x (..., r) instead of x (..., in). Same arguments as ``LoRALinear``.
     """
 
     variant = "lora-fa"
@@ -59,7 +59,7 @@ class LoRAFALinear(LoRALinear):
 
 @register
 class LoRAFA(LoRA):
-    """``"lora-fa"``: options ``dropout`` and ``rslora``, as for ``"lora"``."""
+    """``"lora-fa"``: options ``dropout``, ``rslora`` and ``init``, as for ``"lora"``."""
 
     name = "lora-fa"
     layer = LoRAFALinear

@@ -15,8 +15,8 @@ class LoRAPlus(LoRA):
     """``"lora-plus"``: the LoRA layer, trained with lr_B = ``lr_ratio`` x lr_A.
 
     The paper shows that for wide layers A and B need different step sizes for feature
-    learning to be efficient; its default ratio is 16. Options: ``dropout``, ``rslora`` as for
-    ``"lora"``, and ``lr_ratio`` (default 16).
+    learning to be efficient; its default ratio is 16. Options: ``dropout``, ``rslora``, ``init`` as
+    for ``"lora"``, and ``lr_ratio`` (default 16).
     """
 
     name = "lora-plus"

@@ -48,6 +48,14 @@ def positive_option(default: float) -> Option:
     return Option(default, lambda v: _is_number(v) and v > 0, "a number > 0")
 
 
+INITS: tuple[str, ...] = ("default", "pissa")
+
+
+def init_option() -> Option:
+    """How A and B start: ``"default"`` (B A = 0) or ``"pissa"`` (the top-r SVD of W; see ``LoRALinear``)."""
+    return Option("default", lambda v: v in INITS, " or ".join(repr(i) for i in INITS))
+
+
 def count_option(default: int) -> Option:
     return Option(
         default, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"
@@ -96,7 +104,11 @@ class Variant(ABC):
     def build(
         self, bases: Mapping[str, nn.Module], rank: int, alpha: float, options: Mapping[str, Any]
     ) -> dict[str, AdapterLayer]:
-        """Adapter layers wrapping each base layer (by qualified name); the model is not touched."""
+        """Adapter layers wrapping each base layer (by qualified name).
+
+        The model's modules are not replaced here; an init that rewrites the base weight (PiSSA's
+        residual) does so in place, and the layer gives the weight back on removal.
+        """
 
     def param_groups(
         self, layers: Sequence[AdapterLayer], lr: float, options: Mapping[str, Any]

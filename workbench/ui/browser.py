@@ -1,9 +1,12 @@
 """``CheckpointBrowser``: the checkpoints of a run (or of every run in a directory) as a table.
 
 Select one to load it into its model, evaluate it on the validation and test splits, merge its
-adapters, export it in peft's format or delete it. The best checkpoint (by each run's monitor, a
-validation metric) is highlighted. Every action calls the public API (``import workbench as wb``);
-a failed button action shows its error in the panel's status line instead of a traceback.
+adapters, export it in peft's format, delete it, draw the singular values of its adapters' updates
+or reduce their rank (a truncated SVD, kept as a new run beside the source run). The best
+checkpoint (by each run's monitor, a validation metric) is highlighted. Every action calls the
+public API (``import workbench as wb``); a failed button action shows its error in the panel's
+status line instead of a traceback. The spectrum is drawn in the panel's one plotly FigureWidget,
+made on the first click (it carries plotly.js, megabytes) and redrawn in place afterwards.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 
 import ipywidgets as widgets
 import pandas as pd
+import plotly.graph_objects as go
 import torch
 from torch import nn
 
@@ -26,6 +30,7 @@ from .panel import BEST_STYLE, Panel, catching, html_table, show
 RUN_BEST_STYLE = "background:#fff3bf"
 SELECTED_STYLE = "outline:2px solid #1c7ed6"
 _BASE_COLUMNS = ("run", "step", "path", "stage", "size", "created")
+REDUCTION_COLUMNS = ("layer", "old_rank", "new_rank", "kept_energy", "relative_error")
 
 
 def selection_metric(settings: dict[str, Any]) -> tuple[str, str]:
@@ -49,8 +54,15 @@ class CheckpointBrowser(Panel):
         run_best: each run's best checkpoint, by run name.
         model: the model ``load()`` (or ``merge()``) loaded, else None; ``loaded`` its checkpoint.
         evaluation: the last ``evaluate()``'s metrics.
-        selector, table, status, load_button, evaluate_button, merge_button, export_to,
-        export_button, delete_button, refresh_button, widget: the widgets (``widget`` holds them all).
+        reduced, reduction: the checkpoint the last ``reduce()`` wrote and its per-layer table
+            (layer, old_rank, new_rank, kept_energy, relative_error), else None.
+        shown_spectrum, effective_ranks: the last ``spectrum()``'s table (``wb.spectrum``) and
+            each layer's effective rank at the energy box's value (``wb.effective_rank``), else None.
+        figure: the ``go.FigureWidget`` the spectrum is drawn in; None until the first ``spectrum()``.
+        selector, table, status, details, load_button, evaluate_button, merge_button, export_to,
+        export_button, delete_button, refresh_button, reduce_mode, reduce_rank, reduce_energy,
+        reduce_button, spectrum_button, widget: the widgets (``widget`` holds them all; ``details``
+        shows the last reduction's or spectrum's table).
 
     Raises:
         ValueError: the path is no run and no directory of runs.
@@ -59,6 +71,8 @@ class CheckpointBrowser(Panel):
 
         browser = wb.ui.CheckpointBrowser("runs")
         browser.select(browser.best); browser.evaluate()
+        browser.spectrum()            # singular values and effective ranks of its adapters
+        browser.reduce(energy=0.9)    # -> runs/<run>-reduced-e0.9, a checkpoint of stage "rank-reduced"
     """
 
     def __init__(self, run_or_runs_dir: str | os.PathLike[str]) -> None:
@@ -72,6 +86,11 @@ class CheckpointBrowser(Panel):
         self.model: nn.Module | None = None
         self.loaded: Path | None = None
         self.evaluation: dict[str, float] = {}
+        self.reduced: Path | None = None
+        self.reduction: pd.DataFrame | None = None
+        self.shown_spectrum: pd.DataFrame | None = None
+        self.effective_ranks: pd.Series | None = None
+        self.figure: go.FigureWidget | None = None
         self._run_paths: dict[str, Path] = {}
         self._criterion = ""
         self._armed: str | None = None
@@ -93,6 +112,18 @@ class CheckpointBrowser(Panel):
         self.export_to = widgets.Text(description="export to", placeholder="a new or empty directory",
                                       layout=widgets.Layout(width="460px"))
         self.export_button = widgets.Button(description="Export (PEFT)", icon="download", **button)
+        self.details = widgets.HTML()
+        self.reduce_mode = widgets.Dropdown(options=("rank", "energy"), value="rank", description="reduce to",
+                                            layout=widgets.Layout(width="180px"))
+        self.reduce_rank = widgets.IntText(value=2, description="rank", layout=widgets.Layout(width="140px"))
+        self.reduce_energy = widgets.FloatText(value=0.9, step=0.05, description="energy",
+                                               tooltip="fraction of the sum of squared singular values to keep",
+                                               layout=widgets.Layout(width="160px"))
+        self.reduce_button = widgets.Button(description="Reduce rank", icon="scissors",
+                                            tooltip="truncated SVD of the adapters, saved as a new run", **button)
+        self.spectrum_button = widgets.Button(description="Spectrum", icon="bar-chart",
+                                              tooltip="singular values of each adapter's update", **button)
+        self._figure_box = widgets.VBox()
 
         self.load_button.on_click(catching(self.status, self.load))
         self.evaluate_button.on_click(catching(self.status, self.evaluate))
@@ -100,6 +131,8 @@ class CheckpointBrowser(Panel):
         self.export_button.on_click(catching(self.status, self.export))
         self.delete_button.on_click(catching(self.status, self._delete_clicked))
         self.refresh_button.on_click(catching(self.status, self.refresh))
+        self.reduce_button.on_click(catching(self.status, self.reduce))
+        self.spectrum_button.on_click(catching(self.status, self.spectrum))
         self.selector.observe(catching(self.status, self._selection_changed), names="value")
 
         self.widget = widgets.VBox([
@@ -107,7 +140,9 @@ class CheckpointBrowser(Panel):
             widgets.HBox([self.selector, self.refresh_button]),
             widgets.HBox([self.load_button, self.evaluate_button, self.merge_button, self.delete_button]),
             widgets.HBox([self.export_to, self.export_button]),
-            self.status,
+            widgets.HBox([self.reduce_mode, self.reduce_rank, self.reduce_energy, self.reduce_button,
+                          self.spectrum_button]),
+            self.status, self.details, self._figure_box,
         ])
         self.refresh()
 
@@ -308,3 +343,79 @@ class CheckpointBrowser(Panel):
     def _disarm(self) -> None:
         self._armed = None
         self.delete_button.description = "Delete"
+
+    def reduce(self, rank: int | None = None, energy: float | None = None) -> Path:
+        """Reduce the selected checkpoint's adapters to a lower rank and keep the result as a new run.
+
+        ``wb.reduce_checkpoint`` writes the run ``<runs dir>/<run>-reduced-r<rank>`` (or
+        ``-e<energy>``) beside the selected checkpoint's run, with one checkpoint of stage
+        "rank-reduced" holding its validation metrics; the table is refreshed and ``details``
+        shows the per-layer ranks, kept energy and relative error. Give ``rank`` (every layer
+        to r', see ``wb.reduce_rank``) or ``energy`` (per layer, the smallest rank keeping
+        that fraction of sum s_i^2); with neither, the panel's ``reduce_mode`` and its box decide.
+
+        Returns:
+            The new checkpoint's path (also ``reduced``; the per-layer table is ``reduction``).
+
+        Raises:
+            ValueError: both rank and energy, vera adapters, a rank above a layer's or below 1,
+                energy out of (0, 1], or the new run's directory holds a run already.
+        """
+        path = self._selected()
+        if rank is not None and energy is not None:
+            raise ValueError("give rank= or energy=, not both")
+        if rank is None and energy is None:
+            rank, energy = ((self.reduce_rank.value, None) if self.reduce_mode.value == "rank"
+                            else (None, self.reduce_energy.value))
+        source = self._run_of(path)
+        out = source.parent / f"{source.name}-reduced-{f'r{rank}' if rank is not None else f'e{energy:g}'}"
+        show(self.status, f"reducing {path.name} of {source.name} ...")
+        self.reduced, self.reduction = wb.reduce_checkpoint(path, out, rank=rank, energy=energy)
+        self.refresh()
+        reduced = wb.load_checkpoints(out).iloc[0]
+        before = self.checkpoints.loc[self.checkpoints["path"] == str(path)].iloc[0]
+        compared = ", ".join(f"{metric} {before[metric]:.4g} -> {reduced[metric]:.4g}"
+                             for metric in ("val_loss", "val_acc") if metric in reduced and metric in before)
+        where = "" if str(self.reduced) in set(self.checkpoints["path"]) else (
+            f" (beside this run: wb.ui.CheckpointBrowser({str(out.parent)!r}) lists both)")
+        self.details.value = (f"<b>{html.escape(source.name)} / {html.escape(path.name)}</b> reduced into "
+                              f"<b>{html.escape(out.name)}</b>:" + html_table(self.reduction, REDUCTION_COLUMNS))
+        show(self.status, f"reduced {path.name} of {source.name} into the run {out.name}{where}: {compared}")
+        return self.reduced
+
+    def spectrum(self) -> pd.DataFrame:
+        """Draw the singular values of the selected checkpoint's adapter updates, and their effective ranks.
+
+        ``wb.plots.spectrum(wb.spectrum(checkpoint))``, in the panel's one figure; ``details`` and
+        the status line give each layer's effective rank at the energy in ``reduce_energy``: the
+        smallest r' with sum_{i<=r'} s_i^2 >= energy * sum_i s_i^2 (what ``reduce(energy=...)`` keeps).
+
+        Returns:
+            ``wb.spectrum``'s table (layer, index, value, energy), also ``shown_spectrum``.
+
+        Raises:
+            ValueError: the energy box is out of (0, 1].
+        """
+        path = self._selected()
+        energy = self.reduce_energy.value
+        table = wb.spectrum(path)
+        ranks = wb.effective_rank(table, energy)
+        name = f"{self._run_of(path).name} / {path.name}"
+        figure = wb.plots.spectrum(table, energy).update_layout(title=f"Spectrum of {name}")
+        if self.figure is None:
+            self.figure = go.FigureWidget(figure)
+            self._figure_box.children = (self.figure,)
+        else:
+            with self.figure.batch_update():
+                self.figure.data = ()
+                self.figure.add_traces(list(figure.data))
+                self.figure.update_layout(figure.layout.to_plotly_json(), overwrite=True)
+        layers = table.groupby("layer", sort=False)["value"]
+        summary = pd.DataFrame({"layer": ranks.index, "rank": layers.size().to_numpy(),
+                                "largest s": layers.max().to_numpy(), "effective_rank": ranks.to_numpy()})
+        self.details.value = (f"<b>{html.escape(name)}</b>: effective rank at energy {energy:g}"
+                              + html_table(summary, list(summary.columns)))
+        self.shown_spectrum, self.effective_ranks = table, ranks
+        listed = ", ".join(f"{layer} {rank}" for layer, rank in ranks.items())
+        show(self.status, f"spectrum of {name}; effective ranks at energy {energy:g}: {listed}")
+        return table

@@ -35,7 +35,8 @@ import workbench as wb
 from .panel import Panel
 
 RANKS = (1, 2, 4, 8, 16, 32, 64)
-SHOWN_OPTIONS = ("lr_ratio", "delta_lambda", "delta_start", "d_initial")
+SHOWN_OPTIONS = ("init", "lr_ratio", "delta_lambda", "delta_start", "d_initial")
+CHOICES = {"init": ("default", "pissa")}  # the values of the string options, each shown as a Dropdown
 DRAW_INTERVAL = 0.4  # seconds between two redraws of the figure and the progress bar during a run
 CONFIG_FILE = "config.json"  # a run directory's record (see wb.Run)
 SERIES = ("train loss", "val loss", "val acc", "checkpoints")
@@ -55,6 +56,15 @@ def variant_choices() -> dict[str, tuple[bool, dict[str, Any]]]:
             options = {name: value for name, value in config.options.items() if name in SHOWN_OPTIONS}
             choices[variant] = (config.alpha is not None, options)
     return choices
+
+
+def _option_control(name: str, default: Any) -> widgets.ValueWidget:
+    """The control of a variant option: a Dropdown of ``CHOICES`` for a string, else a number box."""
+    if isinstance(default, str):
+        return widgets.Dropdown(options=CHOICES[name], value=default, description=name, style=_WIDE)
+    if isinstance(default, int):
+        return widgets.BoundedIntText(value=default, min=0, max=10**7, description=name, style=_WIDE)
+    return widgets.FloatText(value=default, description=name, style=_WIDE)
 
 
 def adaptable_modules(task: wb.Task) -> tuple[list[str], list[str]]:
@@ -180,8 +190,9 @@ class Workbench(Panel):
     Attributes:
         variant, ranks, alpha, lr, steps, eval_every, save_every, seed, targets: the controls
             (``ranks`` and ``targets`` are multi-selects; ``alpha`` 0 means alpha = rank).
-        options: the variant-specific controls by option name (lr_ratio, delta_lambda, delta_start,
-            d_initial), each shown only while its variant is chosen.
+        options: the variant-specific controls by option name (init, lr_ratio, delta_lambda,
+            delta_start, d_initial), each shown only while its variant is chosen; ``init`` is a
+            Dropdown ("default", or "pissa": adapters start from the top-r SVD of each weight).
         launch_button, stop_button, status, progress, figure, widget: the rest of the panel;
             ``figure`` is a ``go.FigureWidget`` with four traces per run, named
             ``"<run> train loss"``, ``"<run> val loss"``, ``"<run> val acc"`` and
@@ -219,11 +230,7 @@ class Workbench(Panel):
         self.targets = widgets.SelectMultiple(options=modules, value=tuple(chosen), rows=min(len(modules), 8),
                                               description="targets", layout=widgets.Layout(width="auto"))
         defaults = {name: value for _, options in self._choices.values() for name, value in options.items()}
-        self.options: dict[str, widgets.ValueWidget] = {
-            name: (widgets.BoundedIntText(value=value, min=0, max=10**7, description=name, style=_WIDE)
-                   if isinstance(value, int) else widgets.FloatText(value=value, description=name, style=_WIDE))
-            for name, value in defaults.items()
-        }
+        self.options = {name: _option_control(name, value) for name, value in defaults.items()}
         self.launch_button = widgets.Button(description="Launch", button_style="primary", icon="play")
         self.stop_button = widgets.Button(description="Stop", button_style="warning", icon="stop", disabled=True)
         self.status = widgets.HTML(value="Choose the settings and press Launch.")
@@ -359,7 +366,8 @@ class Workbench(Panel):
         if self.runs_dir.exists() and not self.runs_dir.is_dir():
             raise ValueError(f"runs_dir {str(self.runs_dir)!r} is a file, not a directory; choose a directory")
         variant = self.variant.value
-        paths = [self.runs_dir / wb.trial_name(variant, rank, settings["lr"], settings["seed"]) for rank in ranks]
+        paths = [self.runs_dir / wb.trial_name(variant, rank, settings["lr"], settings["seed"],
+                                                settings.get("init", "default")) for rank in ranks]
         curves = [_Curves(path) for path in paths]  # read before anything is written
         made: list[Path] = []
         runs = []
