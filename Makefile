@@ -37,3 +37,5 @@ bench: $(STAMP)
 	$(PY) benchmarks/checkpoints.py
 	$(PY) benchmarks/trainer.py --repeats 7
 	$(PY) benchmarks/ui.py
+	$(PY) benchmarks/distributed.py
+	$(PY) benchmarks/sweep.py

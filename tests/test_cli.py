@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -82,8 +83,25 @@ def test_commands_end_to_end(tmp_path, cache, capsys, monkeypatch):
     assert main(["runs", str(runs)]) == 0
     assert capsys.readouterr().out.count("finished") == 2
 
+    lora = wb.best_checkpoint(runs / "lora-r2-lr0.003-s0")
+    assert main(["spectrum", str(lora), "--energy", "0.5"]) == 0
+    out = capsys.readouterr().out
+    expected = wb.effective_rank(lora, 0.5)
+    assert all(re.search(rf"^{layer}\s+{rank}$", out, flags=re.M) for layer, rank in expected.items())
+    assert main(["reduce", str(lora), "--rank", "1", "--out", str(runs / "lora-r1-reduced")]) == 0
+    reduced = capsys.readouterr().out.strip().splitlines()[-1].removeprefix("rank-reduced checkpoint: ")
+    assert wb.load_checkpoints(runs / "lora-r1-reduced")["stage"].tolist() == ["rank-reduced"]
+    assert (wb.spectrum(reduced).groupby("layer")["index"].max() == 1).all()
+
 
 BAD = [
+    (["reduce", "{tmp}/c", "--out", "{tmp}/r"], r"one of the arguments --rank --energy is required"),
+    (["reduce", "{tmp}/c", "--rank", "2", "--energy", "0.9", "--out", "{tmp}/r"], r"not allowed with argument --rank"),
+    (["reduce", "{tmp}/c", "--energy", "1.5", "--out", "{tmp}/r"], r"must be a number in \(0, 1\], not 1.5"),
+    (["reduce", "{tmp}/nothing", "--rank", "1", "--out", "{tmp}/r"], r"is not a checkpoint of a run directory"),
+    (["spectrum", "{tmp}/nothing"], r"is not a checkpoint of a run directory"),
+    (["train", "--variant", "vera", "--rank", "2", "--init", "pissa", "--out", "{tmp}/v"], r"unknown option 'init' for variant 'vera'"),
+    (["train", "--variant", "lora", "--rank", "2", "--init", "svd", "--out", "{tmp}/v"], r"expected 'default' or 'pissa'"),
     ([], r"the following arguments are required: COMMAND"),
     (["fly"], r"invalid choice: 'fly'"),
     (["train", "--rank", "4", "--out", "x"], r"the following arguments are required: --variant"),
@@ -98,6 +116,11 @@ BAD = [
     (["train", "--variant", "lora", "--rank", "99", "--out", "{tmp}/r"], r"rank 99 is larger than layer"),
     (["sweep", "--variants", "lora,dora", "--out", "{tmp}/s"], r"unknown variant 'dora'; valid variants: lora, lora-fa"),
     (["sweep", "--search", "random", "--out", "{tmp}/s"], r"a random search needs trials"),
+    (["sweep", "--executor", "dask", "--out", "{tmp}/s"], r"argument --executor: invalid choice: 'dask'"),
+    (["sweep", "--executor", "ray", "--address", "head-node", "--out", "{tmp}/s"], r"argument --address: must be HOST:PORT \(or auto\), not 'head-node'"),
+    (["sweep", "--executor", "ray", "--address", "head:99999", "--out", "{tmp}/s"], r"argument --address: must be HOST:PORT"),
+    (["sweep", "--executor", "ray", "--cpus-per-trial", "0", "--out", "{tmp}/s"], r"argument --cpus-per-trial: must be an integer >= 1, not 0"),
+    (["sweep", "--address", "head:6379", "--out", "{tmp}/s"], r"address and cpus_per_trial \(--address, --cpus-per-trial\) are for executor='ray'"),
     (["runs", "{tmp}/nowhere"], r"nowhere: no such directory"),
     (["best", "{tmp}"], r"no checkpoint under .* records val_loss"),
     (["export", "{tmp}/nothing", "--to", "{tmp}/a"], r"is not a checkpoint of a run directory"),

@@ -93,3 +93,30 @@ def test_a_run_directory_is_not_overwritten(tmp_path):
         wb.train("digits", "lora", 2, tmp_path / "run", steps=20, **FAST)
     with pytest.raises(ValueError, match=r"holds a different run; it differs in rank: 2 there, 4 here"):
         wb.train("digits", "lora", 4, tmp_path / "run", steps=20, resume=True, **FAST)
+
+
+def test_a_reduced_checkpoint_is_a_run_of_its_own_that_loads_and_scores_as_reduced(tmp_path):
+    source = wb.train("digits", "lora", 8, tmp_path / "full", steps=40, lr=1e-2, init="pissa", **FAST)
+    full = wb.best_checkpoint(source)
+    reduced, table = wb.reduce_checkpoint(full, tmp_path / "reduced", rank=2)
+
+    expected, _ = load_run_model(full)  # the same reduction, done here on the loaded full model
+    wb.reduce_rank(expected, rank=2)
+    model, progress = load_run_model(reduced)
+    x = torch.rand(16, 64)
+    assert torch.allclose(model(x), expected(x), atol=1e-6)
+    assert (table["new_rank"] == 2).all() and progress["stage"] == "rank-reduced"
+    assert wb.CheckpointManager(reduced.parent).list()["stage"].tolist() == ["rank-reduced"]
+
+    runs = wb.load_runs(tmp_path).set_index("run")
+    assert runs.loc["reduced", "status"] == "rank-reduced"
+    assert runs.loc["reduced", "trainable"] == wb.trainable_parameters(expected) < runs.loc["full", "trainable"]
+    assert runs.loc["reduced", "best_value"] == pytest.approx(wb.evaluate_checkpoint(reduced)["val_loss"])
+    assert runs.loc["reduced", "test_acc"] == wb.evaluate_checkpoint(reduced, split="test")["test_acc"]
+
+    with pytest.raises(ValueError, match="holds a run already"):
+        wb.reduce_checkpoint(full, tmp_path / "reduced", rank=1)
+    with pytest.raises(ValueError, match="exactly one of rank"):
+        wb.reduce_checkpoint(full, tmp_path / "none")
+    assert not (tmp_path / "none").exists()
+

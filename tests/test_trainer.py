@@ -137,6 +137,20 @@ def test_a_finished_run_ends_with_a_finetuned_checkpoint_that_pruning_keeps(tmp_
     assert table[["step", "stage"]].values.tolist() == [[60, "finetuned"]]
 
 
+def test_a_pissa_run_keeps_its_untrained_state_as_the_svd_init_checkpoint(tmp_path):
+    task = _scratch_task()
+    base = task.base_model()
+    model = wb.add_adapters(task.base_model(), "lora", 4, init="pissa")
+    manager = wb.CheckpointManager(tmp_path / "checkpoints", keep_last=1)
+    trainer = Trainer(model, task, lr=1e-2, steps=60, eval_every=10, save_every=20, seed=3, checkpoints=manager,
+                      progress_bar=False)
+    expected = wb.evaluate(base, trainer.loaders["val"], task.loss, task.counts)  # PiSSA leaves outputs as they were
+    assert trainer.fit() == "finished"
+    table = manager.list()
+    assert table[["step", "stage"]].values.tolist() == [[0, "svd-init"], [60, "finetuned"]]
+    assert table.loc[0, "val_loss"] == pytest.approx(expected["val_loss"], rel=1e-5)
+
+
 def test_a_stop_asked_before_fit_starts_is_not_lost(tmp_path):
     trainer = _trainer(tmp_path, "early", steps=80)
     trainer.stop()

@@ -30,9 +30,11 @@ from .runs import (
     load_metrics,
     load_run_model,
     load_runs,
+    reduce_checkpoint,
     run_settings,
     train,
 )
+from .svd import effective_rank, match_ranks, reduce_rank, spectrum, spectrum_over_checkpoints
 from .sweep import sweep, trial_name
 from .tasks import Task
 from .trainer import Callback, Trainer, evaluate
@@ -66,6 +68,7 @@ __all__ = [
     "best_checkpoint",
     "check_claims",
     "delete_checkpoint",
+    "effective_rank",
     "evaluate",
     "evaluate_checkpoint",
     "evaluate_checkpoints",
@@ -77,11 +80,16 @@ __all__ = [
     "load_run_model",
     "load_runs",
     "make_optimizer",
+    "match_ranks",
     "merge_adapters",
     "plots",
+    "reduce_checkpoint",
+    "reduce_rank",
     "remove_adapters",
     "run_settings",
     "saved_activations",
+    "spectrum",
+    "spectrum_over_checkpoints",
     "sweep",
     "tasks",
     "train",

@@ -9,11 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch.distributed as dist
 
 from .adapters import VARIANTS
 from .checkpoints import CheckpointError
+from .distributed import torchrun_group
+from .executors import EXECUTORS, MissingExtraError
 from .report import check_claims, write_report
-from .runs import best_checkpoint, export_checkpoint, load_metrics, load_runs, train
+from .runs import best_checkpoint, export_checkpoint, load_metrics, load_runs, reduce_checkpoint, train
+from .svd import effective_rank, spectrum
 from .sweep import sweep
 from .tasks import TASKS
 
@@ -25,6 +29,8 @@ OPTION_FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--delta-lambda", "delta_lambda", float, "Delta-LoRA: lambda (default 0.5)"),
     ("--delta-start", "delta_start", int, "Delta-LoRA: plain LoRA steps before W moves (default 0)"),
     ("--d-initial", "d_initial", float, "VeRA: initial value of d (default 0.1)"),
+    ("--init", "init", str, "LoRA family: 'pissa' starts A and B from the weight's top-r singular vectors and "
+     "freezes the residual (default 'default': A random, B zero)"),
     ("--projection-seed", "projection_seed", int, "VeRA: seed of the shared random projections (default 0)"),
 ]
 
@@ -43,6 +49,20 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a number > 0, not {text}")
+    return value
+
+
+def _address(text: str) -> str:
+    host, _, port = text.rpartition(":")
+    if text != "auto" and not (host and port.isdigit() and 0 < int(port) < 65536):
+        raise argparse.ArgumentTypeError(f"must be HOST:PORT (or auto), not {text!r}")
+    return text
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], not {text}")
     return value
 
 
@@ -105,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--report", type=Path, default=Path("report.html"),
                             help="the HTML report to write (default report.html)")
 
-    one = commands.add_parser("train", help="train one run")
+    one = commands.add_parser("train", help="train one run (under torchrun --nproc-per-node N: one run over N "
+                              "data-parallel processes, the same global batch)")
     one.add_argument("--variant", required=True, choices=VARIANTS, help="the adapter variant")
     one.add_argument("--rank", required=True, type=_positive_int, help="the adapter rank r")
     one.add_argument("--out", required=True, type=Path, help="the run directory")
@@ -124,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="every combination (default) or --trials of them drawn at random")
     many.add_argument("--trials", type=_positive_int, help="how many trials a random search draws")
     many.add_argument("--out", required=True, type=Path, help="the runs directory")
+    many.add_argument("--executor", choices=EXECUTORS, default="local",
+                      help="where trials run: local, one after another in this process (default), or ray, "
+                      "each a Ray task, side by side (needs pip install 'adapter-workbench[ray]')")
+    many.add_argument("--address", type=_address,
+                      help="with --executor ray: join the running Ray cluster at HOST:PORT (auto: the one "
+                      "RAY_ADDRESS or ray start names); default: start a local Ray instance for the sweep")
+    many.add_argument("--cpus-per-trial", type=_positive_int, default=1,
+                      help="with --executor ray: CPUs each trial reserves, and its torch threads (default 1)")
     _add_run_options(many)
 
     runs = commands.add_parser("runs", help="print the runs table")
@@ -138,6 +167,21 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", type=Path, help="a checkpoint directory of a run (see workbench best)")
     export.add_argument("--format", default="peft", choices=["peft"], help="(default peft)")
     export.add_argument("--to", required=True, type=Path, help="the adapter directory to write")
+
+    reduce = commands.add_parser("reduce", help="reduce a checkpoint's adapters to a lower rank (truncated SVD) and "
+                                 "save it, stage rank-reduced, as a new run")
+    reduce.add_argument("checkpoint", type=Path, help="a checkpoint directory of a run")
+    size = reduce.add_mutually_exclusive_group(required=True)
+    size.add_argument("--rank", type=_positive_int, help="the new rank of every layer")
+    size.add_argument("--energy", type=_fraction, help="per layer, the smallest rank keeping this fraction (0, 1] of "
+                      "the squared singular values")
+    reduce.add_argument("--out", required=True, type=Path, help="the new run directory")
+
+    spectra = commands.add_parser("spectrum", help="print the singular values of every adapter's update and each "
+                                  "layer's effective rank")
+    spectra.add_argument("checkpoint", type=Path, help="a checkpoint directory of a run")
+    spectra.add_argument("--energy", type=_fraction, default=0.9,
+                         help="the energy the effective rank keeps (default 0.9)")
 
     report = commands.add_parser("report", help="write a standalone HTML report of the runs")
     report.add_argument("directory", type=Path, help="a runs directory")
@@ -171,12 +215,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "experiment":
             _experiment(args)
         elif args.command == "train":
-            train(args.task, args.variant, args.rank, args.out, steps=args.steps, lr=args.lr, seed=args.seed,
-                  resume=args.resume, **_run_settings(args))
-            _print_table(load_runs(args.out))
+            with torchrun_group() as (group, device):  # under torchrun: one run over all its processes
+                train(args.task, args.variant, args.rank, args.out, steps=args.steps, lr=args.lr, seed=args.seed,
+                      resume=args.resume, process_group=group, device=device, **_run_settings(args))
+                if group is None or dist.get_rank(group) == 0:
+                    _print_table(load_runs(args.out))
         elif args.command == "sweep":
             table = sweep(args.task, args.variants, args.ranks, args.steps, args.out, lrs=args.lrs, seeds=args.seeds,
-                          search=args.search, trials=args.trials, **_run_settings(args))
+                          search=args.search, trials=args.trials, executor=args.executor, address=args.address,
+                          cpus_per_trial=args.cpus_per_trial, **_run_settings(args))
             _print_table(table)
         elif args.command == "runs":
             _print_table(load_runs(args.directory))
@@ -185,9 +232,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(best_checkpoint(args.directory, args.metric, mode))
         elif args.command == "export":
             print(export_checkpoint(args.checkpoint, args.to, args.format))
+        elif args.command == "reduce":
+            path, table = reduce_checkpoint(args.checkpoint, args.out, rank=args.rank, energy=args.energy)
+            print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+            print(f"\nrank-reduced checkpoint: {path}")
+        elif args.command == "spectrum":
+            values = spectrum(args.checkpoint)
+            ranks = effective_rank(values, args.energy)
+            wide = values.pivot(index="layer", columns="index", values="value")
+            print(wide.to_string(float_format=lambda v: f"{v:.4g}"))
+            print(f"\neffective rank ({args.energy:g} of the energy):")
+            print(ranks.to_string())
         elif args.command == "report":
             print(write_report(args.directory, args.to))
-    except (ValueError, CheckpointError) as error:
+    except (ValueError, CheckpointError, MissingExtraError) as error:
         message = " ".join(str(error).split())  # one line, even for multi-line messages
         parser.exit(2, f"workbench: error: {message}\n")
     return 0

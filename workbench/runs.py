@@ -22,18 +22,21 @@ from typing import Any
 
 import pandas as pd
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .adapt import add_adapters, trainable_parameters
 from .checkpoints import CheckpointError, CheckpointManager
 from .memory import saved_activations
 from .peft_format import export_peft
+from .svd import match_ranks, reduce_rank
 from .tasks import Task, get_task
 from .trainer import Callback, Trainer, evaluate
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
+REDUCED_STAGE = "rank-reduced"  # the stage of a checkpoint written by reduce_checkpoint
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -72,6 +75,8 @@ class Run:
         lr, optimizer: see ``wb.make_optimizer``.
         steps, eval_every, save_every, seed, callbacks, progress_bar: see ``wb.Trainer``.
         keep_last, keep_best, monitor, mode: see ``wb.CheckpointManager``.
+        process_group, device: data-parallel training (see ``wb.Trainer``): every process of the
+            group makes the same ``Run`` and calls ``fit``; only rank 0 writes the directory.
     """
 
     def __init__(
@@ -96,6 +101,8 @@ class Run:
         resume: bool = False,
         callbacks: Sequence[Callback] = (),
         progress_bar: bool = True,
+        process_group: dist.ProcessGroup | None = None,
+        device: torch.device | str | None = None,
         **options: Any,
     ) -> None:
         self.task = get_task(task) if isinstance(task, str) else task
@@ -124,7 +131,8 @@ class Run:
         self.trainer = Trainer(self.model, self.task, lr=lr, optimizer=optimizer, steps=steps, eval_every=eval_every,
                                save_every=save_every, checkpoints=self.checkpoints,
                                metrics_log=self.path / METRICS_FILE, seed=seed, callbacks=callbacks,
-                               progress_bar=progress_bar, monitor=monitor)
+                               progress_bar=progress_bar, monitor=monitor, process_group=process_group,
+                               device=device)
 
     @property
     def finished(self) -> bool:
@@ -138,16 +146,22 @@ class Run:
         """Train (or resume, or skip a finished run) and write the outcome; returns the run's record."""
         if self.finished:
             return self.record
+        group, writer = self.trainer.process_group, self.trainer.is_writer
+        if group is not None:
+            dist.barrier(group=group)  # every rank has read the directory before rank 0 changes it
         self.path.mkdir(parents=True, exist_ok=True)
         self.record = {
             "settings": self.settings,
             "status": "running",
             "trainable": trainable_parameters(self.model),
-            "saved_bytes": self._saved_bytes(),
+            "saved_bytes": self._saved_bytes() if writer else None,
             "started": self.record.get("started", datetime.now(UTC).isoformat(timespec="seconds")),
             "wall_time": self.record.get("wall_time", 0.0),
         }
-        _write_json(self.path / CONFIG_FILE, self.record)
+        if group is not None:
+            self.record["processes"] = self.trainer.world_size
+        if writer:
+            _write_json(self.path / CONFIG_FILE, self.record)
         start = time.perf_counter()
         try:
             status = self.trainer.fit(resume=self.resume)
@@ -156,12 +170,13 @@ class Run:
             raise
         else:
             self.record.update(status=status, message=self.trainer.message, steps_done=self.trainer.step)
-            if status == "finished":
+            if status == "finished" and writer:
                 self.record["test"] = self._test_best()
         finally:
             self.record["wall_time"] += time.perf_counter() - start
             self.checkpoints.close()
-            _write_json(self.path / CONFIG_FILE, self.record)
+            if writer:
+                _write_json(self.path / CONFIG_FILE, self.record)
         return self.record
 
     def _saved_bytes(self) -> int:
@@ -293,11 +308,14 @@ def _run_of(checkpoint: Path) -> Path:
 
 
 def load_run_model(checkpoint: str | os.PathLike[str], task: Task | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a run's adapted model and load ``checkpoint`` into it; returns (model, progress)."""
+    """Rebuild a run's adapted model and load ``checkpoint`` into it; returns (model, progress).
+
+    A checkpoint written after ``wb.reduce_rank`` loads too: the rebuilt layers take its ranks first.
+    """
     checkpoint = Path(checkpoint)
     settings = _read_record(_run_of(checkpoint))["settings"]
     task = task or get_task(settings["task"])
-    model = _build_model(task, settings)
+    model = match_ranks(_build_model(task, settings), checkpoint)  # a rank-reduced checkpoint's shapes
     return model, CheckpointManager(checkpoint.parent).load(checkpoint, model)
 
 
@@ -386,3 +404,51 @@ def delete_checkpoint(checkpoint: str | os.PathLike[str]) -> None:
         manager.delete(checkpoint)
     finally:
         manager.close()
+
+
+def reduce_checkpoint(
+    checkpoint: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    rank: int | None = None,
+    energy: float | None = None,
+    task: Task | None = None,
+) -> tuple[Path, pd.DataFrame]:
+    """Reduce a run's checkpoint to a lower rank (``wb.reduce_rank``) and keep it as a run of its own.
+
+    ``out`` becomes a run directory whose ``config.json`` holds the source run's settings (the
+    recipe its model is built by: rank, alpha and init as trained, so a PiSSA residual is rebuilt
+    the same), ``status`` "rank-reduced", ``reduced_from`` and the per-layer table; its one
+    checkpoint, at the source's step with stage "rank-reduced", holds the reduced adapters (no
+    optimizer state: the factors are new tensors) and their validation metrics, and the record
+    has their test metrics, so the runs table compares it with the run it came from.
+
+    Returns:
+        (the new checkpoint's path, ``reduce_rank``'s per-layer table).
+
+    Raises:
+        ValueError: ``out`` holds a run already, ``checkpoint`` is not a run's, or a bad
+            rank / energy (see ``wb.reduce_rank``); nothing is written then.
+    """
+    out = Path(out)
+    if (out / CONFIG_FILE).exists():
+        raise ValueError(f"{out} holds a run already; choose another directory for the reduced checkpoint")
+    source = _read_record(_run_of(Path(checkpoint)))
+    settings = source["settings"]
+    task = task or get_task(settings["task"])
+    model, progress = load_run_model(checkpoint, task)
+    table = reduce_rank(model, rank=rank, energy=energy)
+    loaders = task.loaders(settings["seed"])
+    metrics = evaluate(model, loaders["val"], task.loss, task.counts, "val")
+    out.mkdir(parents=True, exist_ok=True)
+    with CheckpointManager(out / CHECKPOINTS_DIR, monitor=settings["monitor"], mode=settings["mode"],
+                           run_config=settings) as manager:
+        path = manager.save(progress["step"], model, metrics=metrics, stage=REDUCED_STAGE)
+    _write_json(out / CONFIG_FILE, {
+        "settings": settings, "status": REDUCED_STAGE, "reduced_from": str(Path(checkpoint).resolve()),
+        "reduction": {"rank": rank, "energy": energy, "layers": table.to_dict("records")},
+        "trainable": trainable_parameters(model), "steps_done": progress["step"], "wall_time": 0.0,
+        "test": {"checkpoint": path.name, "step": progress["step"],
+                 **evaluate(model, loaders["test"], task.loss, task.counts, "test")},
+    })
+    return path, table
+

@@ -1,4 +1,4 @@
-"""Sweeps: one run per combination of variant, rank, learning rate and seed."""
+"""Sweeps: one run per combination of variant, rank, learning rate and seed, in this process or on Ray."""
 
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ from typing import Any
 import pandas as pd
 
 from .adapters import VARIANTS
-from .runs import Run, load_runs
+from .executors import EXECUTORS, Trial, run_local, run_on_ray
+from .runs import load_runs
 from .tasks import Task
 
 
-def trial_name(variant: str, rank: int, lr: float, seed: int) -> str:
-    """The run directory's name, e.g. ``lora-r8-lr0.003-s0``."""
-    return f"{variant}-r{rank}-lr{lr:g}-s{seed}"
+def trial_name(variant: str, rank: int, lr: float, seed: int, init: str = "default") -> str:
+    """The run directory's name, e.g. ``lora-r8-lr0.003-s0``, or ``lora-r8-lr0.003-s0-pissa`` with PiSSA init."""
+    return f"{variant}-r{rank}-lr{lr:g}-s{seed}" + ("" if init == "default" else f"-{init}")
 
 
 def sweep(
@@ -31,6 +32,9 @@ def sweep(
     seeds: Sequence[int] | None = None,
     search: str = "grid",
     trials: int | None = None,
+    executor: str = "local",
+    address: str | None = None,
+    cpus_per_trial: int = 1,
     **settings: Any,
 ) -> pd.DataFrame:
     """Train one run per trial under ``out`` and return the runs table (``wb.load_runs(out)``).
@@ -38,21 +42,46 @@ def sweep(
     Trials are the grid variants x ranks x lrs x seeds (``search="grid"``), or ``trials`` of
     them drawn without replacement with a fixed generator (``search="random"``), so the same
     call always picks the same trials. Run again after an interruption, a sweep skips the
-    finished trials and resumes the unfinished one from its newest checkpoint.
+    finished trials and resumes the unfinished ones from their newest checkpoints.
+
+    With ``executor="ray"`` every trial is a Ray task, and trials run side by side::
+
+        wb.sweep("digits", ["lora", "vera"], [2, 8], out="/shared/runs", executor="ray")  # a local instance
+        wb.sweep("digits", out="/shared/runs", executor="ray", address="10.0.0.5:6379")  # a running cluster
+
+    The workers write to ``out`` (made absolute here: on a cluster, a directory every node
+    sees), so ``wb.load_runs``, the report and the panels show the trials while they run. A
+    trial whose worker dies is retried by Ray from its newest checkpoint (see
+    ``workbench.executors``). Ray is imported only here, for ``executor="ray"``.
 
     Args:
         lrs: learning rates; default ``[settings.get("lr", 3e-3)]``.
         seeds: default ``[0]``.
-        **settings: passed to every ``wb.Run`` (alpha, eval_every, save_every, keep_best, ...).
+        executor: "local" (default: one trial after another, in this process) or "ray".
+        address: Ray only. None starts a local Ray instance for the sweep's duration, limited to
+            this machine's cores; ``"HOST:PORT"`` (or ``"auto"``) joins a running cluster. A
+            process already connected (``ray.init``) uses its connection.
+        cpus_per_trial: Ray only: the CPUs each trial's task reserves and its torch threads.
+        **settings: passed to every ``wb.Run`` (alpha, eval_every, save_every, keep_best,
+            callbacks, ...). On Ray, callbacks are copied to the workers and run there.
 
     Raises:
-        ValueError: an unknown variant or search, or ``trials`` missing for a random search.
+        ValueError: an unknown variant, search or executor, ``trials`` missing for a random
+            search, or Ray's options with ``executor="local"``.
+        workbench.executors.MissingExtraError: ``executor="ray"`` without Ray installed (an ImportError).
     """
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant {unknown[0]!r}; valid variants: {', '.join(VARIANTS)}")
     if search not in ("grid", "random"):
         raise ValueError(f"search must be 'grid' or 'random', not {search!r}")
+    if executor not in EXECUTORS:
+        raise ValueError(f"unknown executor {executor!r}; valid executors: {', '.join(EXECUTORS)}")
+    if executor == "local" and (address is not None or cpus_per_trial != 1):
+        raise ValueError("address and cpus_per_trial (--address, --cpus-per-trial) are for executor='ray' "
+                         "(--executor ray); the local executor runs trials in this process")
+    if not isinstance(cpus_per_trial, int) or isinstance(cpus_per_trial, bool) or cpus_per_trial < 1:
+        raise ValueError(f"cpus_per_trial must be an integer >= 1, not {cpus_per_trial!r}")
     lrs = list(lrs) if lrs is not None else [settings.pop("lr", 3e-3)]
     settings.pop("lr", None)
     grid = list(itertools.product(variants, ranks, lrs, seeds if seeds is not None else [0]))
@@ -60,8 +89,10 @@ def sweep(
         if not isinstance(trials, int) or trials < 1:
             raise ValueError(f"a random search needs trials, an integer >= 1, not {trials!r}")
         grid = random.Random(0).sample(grid, min(trials, len(grid)))
-    out = Path(out)
-    for variant, rank, lr, seed in grid:
-        Run(task, variant, rank, out / trial_name(variant, rank, lr, seed), lr=lr, seed=seed, steps=steps,
-            resume=True, **settings).fit()
+    root = Path(out).absolute()  # a Ray worker's working directory is not ours
+    runs = [Trial(root / trial_name(*trial, init=settings.get("init", "default")), *trial) for trial in grid]
+    if executor == "ray":
+        run_on_ray(task, runs, steps, settings, address, cpus_per_trial)
+    else:
+        run_local(task, runs, steps, settings)
     return load_runs(out)

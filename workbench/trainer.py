@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
@@ -14,15 +15,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .adapt import adapter_config
 from .checkpoints import CheckpointManager
+from .checkpoints.snapshot import capture_rng, restore_rng
 from .optim import make_optimizer
 from .tasks.base import Task, classification_counts, classification_loss
 
 RECENT_LOSSES = 50
 FINAL_STAGE = "finetuned"  # the stage label of the checkpoint a finished fit ends with; never pruned
+SVD_INIT_STAGE = "svd-init"  # the step-0 checkpoint of a run whose adapters start from the SVD of W
 
 
 class Callback:
@@ -48,11 +53,35 @@ class Callback:
 class Trainer:
     """Train the trainable parameters of ``model`` on a task's data.
 
+    Data-parallel training: give every process of a ``torch.distributed`` group the same
+    model (built from the same seed), task and settings, and the group as ``process_group``.
+
+    - Wrapping: the trainer wraps the model in ``DistributedDataParallel`` itself (a model
+      already wrapped is used as it is, its group the default). ``trainer.model`` stays the
+      plain module, so checkpoints hold the same names ("fc1.lora_A", never "module.fc1.lora_A")
+      and load into a one-process model.
+    - Batch: with a ``Task``, ``task.batch_size`` B is the global batch; each of the W
+      processes trains on B / W of every batch a one-process run would draw, in the same
+      seeded order (``wb.tasks.make_loaders``). Gradients are weighted so that their average
+      over the ranks is the one-process gradient of the whole batch, and the logged loss is the
+      whole batch's: W processes train as one would, up to float rounding.
+    - Agreement: one small all-reduce per step also agrees on a non-finite loss and on
+      ``stop()``, so all ranks end at the same step. Validation sums over all ranks' shares.
+    - Writing: rank 0 alone writes checkpoints and the metrics log and shows the progress
+      bar. Callbacks run on every rank (``trainer.is_writer`` is True on rank 0, the only one
+      where ``on_save`` fires).
+    - Randomness: the global RNG is seeded with ``seed + rank`` (dropout masks differ across
+      ranks, as across the rows of one batch). Each checkpoint holds every rank's RNG and
+      data-loader state, gathered to rank 0; a resume loads the checkpoint rank 0 picks on
+      every rank, each restoring its own states, so the run continues exactly. A checkpoint
+      resumes only under the number of processes that wrote it.
+
     Args:
         model: a model with adapters (``wb.add_adapters``) or any model with trainable parameters.
         task: a ``wb.tasks.Task``, or a mapping ``{"train": loader, "val": loader, ...}`` of
             ``torchdata`` ``StatefulDataLoader`` s (plain DataLoaders train, but cannot resume
-            mid-epoch exactly) whose batches are ``(inputs, targets)``.
+            mid-epoch exactly) whose batches are ``(inputs, targets)``; under a process group,
+            loaders given this way must already hold this rank's share of the data.
         loss, counts: override the task's loss and accuracy counts (needed with plain loaders
             for other than classification).
         lr, optimizer, optimizer_options: see ``wb.make_optimizer``; the variant's rule comes with it.
@@ -63,13 +92,15 @@ class Trainer:
         seed: seeds the data order and the global RNG at the start of ``fit``.
         callbacks: ``Callback`` objects.
         progress_bar: show a ``tqdm.auto`` bar (a widget in a notebook, text in a terminal).
-        device: where to train; default the model's device.
-        process_group: for data-parallel training, the ``torch.distributed`` group; only its
-            rank 0 writes checkpoints and logs. None: one process.
+        device: where to train; default the model's device (under a process group the model
+            is moved there before it is wrapped, e.g. ``cuda:<local rank>``).
+        process_group: for data-parallel training (above), the ``torch.distributed`` group;
+            the loss must be a mean over the targets ``counts`` counts. None: one process.
         monitor: the validation metric shown in the progress bar.
 
     Raises:
-        ValueError: a bad number of steps or interval, or loaders without "train" / "val".
+        ValueError: a bad number of steps or interval, loaders without "train" / "val", or a
+            task batch size the number of processes does not divide.
     """
 
     def __init__(
@@ -97,8 +128,14 @@ class Trainer:
         for name, value in (("steps", steps), ("eval_every", eval_every), ("save_every", save_every)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, not {value!r}")
+        wrapped = model if isinstance(model, DistributedDataParallel) else None
+        if wrapped is not None:
+            model, process_group = wrapped.module, process_group or wrapped.process_group
+        self.process_group = process_group
+        self.rank = dist.get_rank(process_group) if process_group is not None else 0
+        self.world_size = dist.get_world_size(process_group) if process_group is not None else 1
         if isinstance(task, Task):
-            self.loaders = task.loaders(seed)
+            self.loaders = task.loaders(seed, rank=self.rank, world_size=self.world_size)
             self.loss, self.counts = loss or task.loss, counts or task.counts
         else:
             missing = {"train", "val"} - set(task)
@@ -108,12 +145,19 @@ class Trainer:
             self.loss, self.counts = loss or classification_loss, counts or classification_counts
         self.model = model
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self._forward: nn.Module = model  # what training calls: the model, or its DDP wrapper
+        if process_group is not None:
+            if wrapped is None:
+                model.to(self.device)
+                ids = [self.device] if self.device.type == "cuda" else None
+                wrapped = DistributedDataParallel(model, device_ids=ids, process_group=process_group)
+            self._forward = wrapped
         self.optimizer = make_optimizer(model, lr, optimizer, **dict(optimizer_options or {}))
         self.steps, self.eval_every, self.save_every, self.seed = steps, eval_every, save_every, seed
-        self.process_group = process_group
-        self.is_writer = process_group is None or dist.get_rank(process_group) == 0
+        self.is_writer = self.rank == 0
         if isinstance(checkpoints, (str, os.PathLike)):
             checkpoints = CheckpointManager(checkpoints, monitor=monitor)
+        self._manager = checkpoints  # every rank reads checkpoints to resume; only rank 0 writes
         self.checkpoints = checkpoints if self.is_writer else None
         self.metrics_log = Path(metrics_log) if metrics_log is not None and self.is_writer else None
         self.callbacks = list(callbacks)
@@ -134,24 +178,53 @@ class Trainer:
     def stop(self) -> None:
         """Ask ``fit`` to save a checkpoint and return; safe from any thread.
 
-        Asked before ``fit`` has started, it takes effect after ``fit``'s first step.
+        Asked before ``fit`` has started, it takes effect after ``fit``'s first step. Under a
+        process group, a stop asked on any rank ends every rank at the same step.
         """
         self._stop.set()
 
     def resume(self) -> bool:
-        """Load the newest valid checkpoint (model, optimizer, RNGs, data position); False if none."""
-        if self.checkpoints is None:
+        """Load the newest valid checkpoint (model, optimizer, RNGs, data position); False if none.
+
+        Under a process group every rank must call it: rank 0 picks the checkpoint, every rank
+        loads it and restores its own RNG and data position.
+
+        Raises:
+            ValueError: the checkpoint was written by another number of processes.
+        """
+        if self._manager is None:
             return False
-        progress = self.checkpoints.resume(self.model, self.optimizer)
+        if self.process_group is None:
+            progress = self._manager.resume(self.model, self.optimizer)
+        else:
+            progress = self._resume_all_ranks()
         if progress is None:
             return False
         extra = progress["extra"]
+        if extra.get("world_size", 1) != self.world_size:
+            raise ValueError(f"{progress['path']} was written by a run on {extra.get('world_size', 1)} process(es), "
+                             f"this one has {self.world_size}; resume it on as many (torchrun --nproc-per-node "
+                             f"{extra.get('world_size', 1)}) so its data order and random states continue exactly")
+        loader = extra["loader"]
+        if self.process_group is not None:
+            restore_rng(extra["ranks"][self.rank]["rng"])
+            loader = extra["ranks"][self.rank]["loader"]
         self.step, self.epoch = progress["step"], extra["epoch"]
-        self.loaders["train"].load_state_dict(extra["loader"])
+        self.loaders["train"].load_state_dict(loader)
         self.recent_losses.extend(extra["losses"])
         self.last_metrics = dict(progress["metrics"])
         self._truncate_log(self.step)
         return True
+
+    def _resume_all_ranks(self) -> dict[str, Any] | None:
+        """Rank 0 resumes from the newest valid checkpoint; the other ranks then load that one."""
+        assert self._manager is not None
+        progress = self._manager.resume(self.model, self.optimizer) if self.is_writer else None
+        chosen = [None if progress is None else progress["path"]]
+        dist.broadcast_object_list(chosen, group=self.process_group, group_src=0)
+        if self.is_writer or chosen[0] is None:
+            return progress
+        return self._manager.load(chosen[0], self.model, self.optimizer)
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -163,11 +236,16 @@ class Trainer:
         A non-finite loss ends the run before that step is applied or saved, so no checkpoint
         ever holds a diverged state; ``trainer.message`` says at which step. When ``fit``
         returns, every checkpoint is on disk and the directory's lock is released. A finished
-        run's last checkpoint has the stage label "finetuned", so pruning never deletes it.
+        run's last checkpoint has the stage label "finetuned", and a fresh run with PiSSA
+        adapters (``init="pissa"``) first saves its untrained state, validated, at step 0 as
+        "svd-init"; pruning never deletes staged checkpoints.
+        Under a process group every rank calls ``fit``; it returns on all of them together.
         """
-        torch.manual_seed(self.seed)
+        torch.manual_seed(self.seed + self.rank)
         if not (resume and self.resume()):
             self._truncate_log(0)
+            if _svd_initialised(self.model):
+                self._checkpoint_initial_state()
         self.status = "running"
         bar = tqdm(total=self.steps, initial=self.step, disable=not (self.progress_bar and self.is_writer),
                    desc="train", dynamic_ncols=True)
@@ -175,23 +253,32 @@ class Trainer:
         try:
             while self.step < self.steps:
                 inputs, targets = self._next_batch()
-                loss = self.loss(self.model(inputs), targets)
-                if not torch.isfinite(loss):
+                outputs = self._forward(inputs)
+                loss = self.loss(outputs, targets)
+                if self.process_group is None:
+                    value = None
+                    finite = bool(torch.isfinite(loss))
+                else:
+                    value, weight, finite, asked = self._agree(loss, outputs, targets)
+                    loss = loss * weight
+                if not finite:
                     self.status = "diverged"
-                    self.message = (f"training stopped: the loss became {loss.item()} at step {self.step + 1}; "
-                                    "lower the learning rate. Checkpoints hold only states from before it.")
+                    self.message = (f"training stopped: the loss became {loss.item() if value is None else value} "
+                                    f"at step {self.step + 1}; lower the learning rate. Checkpoints hold only "
+                                    "states from before it.")
                     break
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
                 self.step += 1
-                value = loss.item()
+                value = loss.item() if value is None else value
                 self.recent_losses.append(value)
                 self._log(self.step, "train", {"loss": value})
                 for callback in self.callbacks:
                     callback.on_step(self, value)
                 at_end = self.step == self.steps
-                saving = at_end or self.step % self.save_every == 0 or self._stop.is_set()
+                stopping = self._stop.is_set() if self.process_group is None else asked
+                saving = at_end or self.step % self.save_every == 0 or stopping
                 if at_end or saving or self.step % self.eval_every == 0:
                     self.last_metrics = self.evaluate("val")
                     self._log(self.step, "val", self.last_metrics)
@@ -201,7 +288,7 @@ class Trainer:
                     self._save(FINAL_STAGE if at_end else None)
                 bar.update(1)
                 bar.set_postfix({"loss": f"{value:.4f}", **self._shown_metric()}, refresh=False)
-                if self._stop.is_set():
+                if stopping:
                     self.status = "stopped"
                     break
             else:
@@ -212,9 +299,32 @@ class Trainer:
             self._flush_log()
             if self.checkpoints is not None:
                 self.checkpoints.close()  # waits for a pending save; another process may write here now
+        if self.process_group is not None:
+            dist.barrier(group=self.process_group)  # rank 0's last checkpoint is on disk for every rank
         for callback in self.callbacks:
             callback.on_end(self)
         return self.status
+
+    def _agree(self, loss: torch.Tensor, outputs: torch.Tensor, targets: torch.Tensor
+               ) -> tuple[float, float, bool, bool]:
+        """One all-reduce per step: (whole-batch loss, this rank's loss weight, all finite, stop asked on any rank).
+
+        With n_r targets counted on rank r, N = sum_r n_r and L_r rank r's mean loss, the whole
+        batch's loss is L = sum_r n_r L_r / N. DDP averages gradients over the W ranks, so rank r
+        back-propagates w_r L_r with w_r = W n_r / N: the average is then exactly dL/dtheta, what
+        one process computes on the whole batch (w_r = 1 when the shares count alike).
+        """
+        local = loss.item()
+        _, counted = self.counts(outputs.detach(), targets)
+        finite = math.isfinite(local)
+        sums = torch.tensor([local * counted if finite else 0.0, counted, 0.0 if finite else 1.0,
+                             float(self._stop.is_set())], dtype=torch.float64,
+                            device=collective_device(self.process_group, self.device))
+        dist.all_reduce(sums, group=self.process_group)
+        total, count, diverged, asked = sums.tolist()
+        if diverged:
+            return (local if not finite else math.nan), 1.0, False, bool(asked)
+        return total / max(count, 1), self.world_size * counted / max(count, 1), True, bool(asked)
 
     def _shown_metric(self) -> dict[str, str]:
         value = self.last_metrics.get(self.monitor)
@@ -237,15 +347,35 @@ class Trainer:
             raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(self.loaders)}")
         return evaluate(self.model, self.loaders[split], self.loss, self.counts, split, self.device, self.process_group)
 
+    def _checkpoint_initial_state(self) -> None:
+        """Validate the SVD-initialised model before any step and keep it as the "svd-init" checkpoint."""
+        self.last_metrics = self.evaluate("val")
+        self._log(0, "val", self.last_metrics)
+        for callback in self.callbacks:
+            callback.on_evaluate(self, self.last_metrics)
+        self._save(SVD_INIT_STAGE)
+
     def _save(self, stage: str | None = None) -> None:
+        if self._manager is None:
+            return
+        ranks = self._gather_states() if self.process_group is not None else None
         if self.checkpoints is None:
             return
         extra = {"loader": self.loaders["train"].state_dict(), "epoch": self.epoch, "losses": list(self.recent_losses)}
+        if ranks is not None:
+            extra |= {"world_size": self.world_size, "ranks": ranks}
         self._flush_log()
         path = self.checkpoints.save(self.step, self.model, self.optimizer, metrics=self.last_metrics, stage=stage,
                                      extra=extra)
         for callback in self.callbacks:
             callback.on_save(self, path)
+
+    def _gather_states(self) -> list[dict[str, Any]] | None:
+        """Every rank's global RNG and data-loader states, in rank order, on rank 0 (None elsewhere)."""
+        state = {"rng": capture_rng(), "loader": self.loaders["train"].state_dict()}
+        gathered: list[Any] | None = [None] * self.world_size if self.is_writer else None
+        dist.gather_object(state, gathered, group=self.process_group, group_dst=0)
+        return gathered
 
     # -- the metrics log ----------------------------------------------------------------------
 
@@ -305,7 +435,25 @@ def evaluate(
             correct, counted = counts(outputs, targets)
             totals += torch.tensor([loss(outputs, targets).item() * counted, correct, counted], dtype=torch.float64)
     if process_group is not None:
-        dist.all_reduce(totals, group=process_group)
+        reduced = totals.to(collective_device(process_group, device))
+        dist.all_reduce(reduced, group=process_group)
+        totals = reduced.cpu()
     model.train(was_training)
     loss_sum, correct, counted = totals.tolist()
     return {f"{split}_loss": loss_sum / max(counted, 1), f"{split}_acc": correct / max(counted, 1)}
+
+
+def collective_device(process_group: dist.ProcessGroup, device: torch.device | str | None) -> torch.device:
+    """Where the group's collectives take their tensors: the training device under NCCL, else the CPU (gloo)."""
+    if device is not None and dist.get_backend(process_group) == dist.Backend.NCCL:
+        return torch.device(device)
+    return torch.device("cpu")
+
+
+def _svd_initialised(model: nn.Module) -> bool:
+    """Whether ``model``'s adapters were initialised from the SVD of the weights (``init="pissa"``)."""
+    try:
+        return adapter_config(model).options.get("init") == "pissa"
+    except ValueError:  # a model trained without adapters
+        return False
+

@@ -16,13 +16,14 @@ sequences (B, T) alike. Wrap your own model and data by building a ``Task`` dire
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler, Subset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import RandomSampler
 
@@ -51,7 +52,8 @@ class Task:
         base_model: returns the pre-trained base model, a fresh copy on each call.
         datasets: ``seed -> {"train", "val", "test"}`` map-style datasets of (inputs, targets).
         default_targets: the modules adapted when a run names none (``None``: every linear layer).
-        batch_size: the training batch size.
+        batch_size: the training batch size (under data-parallel training, the global batch:
+            each of W processes takes batch_size / W of it).
         loss: ``(outputs, targets) -> scalar`` mean loss; cross-entropy by default.
         counts: ``(outputs, targets) -> (correct, counted)`` for accuracy.
     """
@@ -64,27 +66,122 @@ class Task:
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = classification_loss
     counts: Callable[[torch.Tensor, torch.Tensor], tuple[int, int]] = classification_counts
 
-    def loaders(self, seed: int, batch_size: int | None = None) -> dict[str, StatefulDataLoader]:
-        """Data loaders for the three splits; train shuffles from ``seed`` and can resume mid-epoch."""
-        return make_loaders(self.datasets(seed), batch_size or self.batch_size, seed)
+    def loaders(self, seed: int, batch_size: int | None = None, rank: int = 0,
+                world_size: int = 1) -> dict[str, StatefulDataLoader]:
+        """Data loaders for the three splits; train shuffles from ``seed`` and can resume mid-epoch.
+
+        ``rank`` and ``world_size`` give one process's share of data-parallel training (see
+        ``make_loaders``); ``batch_size`` is the global batch, over all processes.
+        """
+        return make_loaders(self.datasets(seed), batch_size or self.batch_size, seed, rank, world_size)
 
 
-def make_loaders(datasets: Mapping[str, Dataset], batch_size: int, seed: int) -> dict[str, StatefulDataLoader]:
+def make_loaders(datasets: Mapping[str, Dataset], batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1) -> dict[str, StatefulDataLoader]:
     """Loaders whose ``state_dict()`` resumes the training order exactly.
 
     The shuffle has its own generator, inside the sampler (saved in the loader's state); the
     loader gets a second one for its per-epoch base seed. Sharing one generator makes the
     epochs after a resume differ; giving none makes the loader draw from the global RNG, which
     shifts dropout.
+
+    Data-parallel (``world_size`` W > 1, this process being ``rank``): ``batch_size`` B is the
+    global batch. The train loader yields this rank's B / W of each global batch of the very
+    shuffle one process would use (``ShardedRandomSampler``), so W processes together see
+    exactly a one-process run's batches; val and test hold every W-th item from ``rank`` on, so
+    the ranks' sums add up to the whole split.
+
+    Raises:
+        ValueError: a rank outside 0..W-1, or a batch size that W does not divide.
     """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in 0..{world_size - 1} for world_size {world_size}, not {rank}")
+    if batch_size % world_size:
+        raise ValueError(f"the global batch size {batch_size} does not split over {world_size} processes; "
+                         f"use a number of processes that divides {batch_size}")
     loaders = {}
     with warnings.catch_warnings():  # torchdata's loader calls a torch API deprecated since; nothing of ours
         warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
         for split, dataset in datasets.items():
             if split == "train":
-                sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
-                loaders[split] = StatefulDataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                generator = torch.Generator().manual_seed(seed)
+                sampler = (RandomSampler(dataset, generator=generator) if world_size == 1 else
+                           ShardedRandomSampler(dataset, batch_size, rank, world_size, generator))
+                loaders[split] = StatefulDataLoader(dataset, batch_size=batch_size // world_size, sampler=sampler,
                                                     generator=torch.Generator().manual_seed(seed + 1))
             else:
-                loaders[split] = StatefulDataLoader(dataset, batch_size=max(batch_size, 256), shuffle=False)
+                share = dataset if world_size == 1 else Subset(dataset, range(rank, len(dataset), world_size))
+                loaders[split] = StatefulDataLoader(share, batch_size=max(batch_size, 256), shuffle=False)
     return loaders
+
+
+class ShardedRandomSampler(Sampler[int]):
+    """One rank's share of a one-process shuffle: each global batch split across the ranks.
+
+    Every epoch draws the permutation P = randperm(n, generator), exactly as torchdata's
+    ``RandomSampler`` does with the same generator, so the epochs follow one another as in a
+    one-process run. Global batch k is P[kB : (k+1)B]; rank r takes its positions kB + r,
+    kB + r + W, kB + r + 2W, ..., so a loader batching these indices by B / W gives every rank
+    its share of the same global batch. A last, partial global batch of p items is shared as
+    ceil((p - r) / W) items on rank r; one smaller than W (a rank would get none) is left out on
+    every rank, so all ranks take the same number of steps per epoch.
+
+    State (``StatefulDataLoader`` saves it): the generator's state at the epoch's start and how
+    many indices this rank has yielded, so a resumed loader continues mid-epoch exactly.
+
+    Args:
+        dataset: the map-style training dataset (its length is used).
+        batch_size: the global batch B, a multiple of ``world_size``.
+        rank, world_size: this process r and the number of processes W.
+        generator: the shuffle's generator, seeded by the caller.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, rank: int, world_size: int,
+                 generator: torch.Generator) -> None:
+        self.size = len(dataset)  # type: ignore[arg-type]
+        self.batch_size, self.rank, self.world_size, self.generator = batch_size, rank, world_size, generator
+
+    def share(self, permutation: list[int]) -> list[int]:
+        """This rank's indices of one epoch's ``permutation``, global batch after global batch."""
+        indices: list[int] = []
+        for start in range(0, len(permutation), self.batch_size):
+            batch = permutation[start:start + self.batch_size]
+            if len(batch) >= self.world_size:
+                indices.extend(batch[self.rank::self.world_size])
+        return indices
+
+    def __iter__(self) -> Iterator[int]:
+        return _ShardIterator(self)
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.size, self.batch_size)
+        partial = len(range(self.rank, rest, self.world_size)) if rest >= self.world_size else 0
+        return full * (self.batch_size // self.world_size) + partial
+
+
+class _ShardIterator(Iterator[int]):
+    """One epoch of a ``ShardedRandomSampler``; ``state_dict`` / ``load_state_dict`` as torchdata's samplers."""
+
+    def __init__(self, sampler: ShardedRandomSampler) -> None:
+        self.sampler = sampler
+        self._draw()
+
+    def _draw(self) -> None:
+        self.generator_state = self.sampler.generator.get_state()
+        permutation = torch.randperm(self.sampler.size, generator=self.sampler.generator).tolist()
+        self.indices = self.sampler.share(permutation)
+        self.yielded = 0
+
+    def __next__(self) -> int:
+        if self.yielded == len(self.indices):
+            raise StopIteration
+        self.yielded += 1
+        return self.indices[self.yielded - 1]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator_state, "yielded": self.yielded}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.sampler.generator.set_state(state["generator"])
+        self._draw()
+        self.yielded = state["yielded"]
