@@ -15,6 +15,7 @@ from .adapters import VARIANTS
 from .checkpoints import CheckpointError
 from .distributed import torchrun_group
 from .executors import EXECUTORS, MissingExtraError
+from .plots import metric_mode
 from .report import check_claims, write_report
 from .runs import best_checkpoint, export_checkpoint, load_metrics, load_runs, reduce_checkpoint, train
 from .svd import effective_rank, spectrum
@@ -96,7 +97,7 @@ def _run_settings(args: argparse.Namespace) -> dict[str, Any]:
     settings = {
         "alpha": args.alpha, "targets": args.targets, "optimizer": args.optimizer,
         "eval_every": args.eval_every, "save_every": args.save_every, "keep_last": args.keep_last,
-        "keep_best": args.keep_best, "monitor": args.monitor, "mode": "max" if args.monitor == "val_acc" else "min",
+        "keep_best": args.keep_best, "monitor": args.monitor, "mode": metric_mode(args.monitor),
         "progress_bar": not args.quiet,
     }
     options = {name: getattr(args, name) for _, name, _, _ in OPTION_FLAGS if getattr(args, name) is not None}
@@ -228,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "runs":
             _print_table(load_runs(args.directory))
         elif args.command == "best":
-            mode = args.mode or ("max" if args.metric == "val_acc" else "min")
+            mode = args.mode or metric_mode(args.metric)
             print(best_checkpoint(args.directory, args.metric, mode))
         elif args.command == "export":
             print(export_checkpoint(args.checkpoint, args.to, args.format))

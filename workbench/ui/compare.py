@@ -23,10 +23,6 @@ from .panel import BEST_STYLE, Panel, catching, html_table, show
 METRICS = {"loss": "validation loss", "acc": "validation accuracy"}
 
 
-def _mode(metric: str) -> str:
-    return "max" if metric == "acc" else "min"
-
-
 def _reselect(select: widgets.SelectMultiple, options: Sequence[tuple[str, Any]]) -> None:
     """Give ``select`` new options, keeping the choice: options it had keep their state, new ones are chosen."""
     before, chosen = {value for _, value in select.options}, set(select.value)
@@ -167,7 +163,7 @@ class Compare(Panel):
     def run_summary(self, runs: Sequence[str] | None = None) -> pd.DataFrame:
         """Per run (default: the chosen ones): run, variant, rank, trainable, its best checkpoint's
         ``val_<metric>`` and step by the panel's metric, test_loss, test_acc, status; by trainable."""
-        metric = f"val_{self.metric.value}"
+        metric, lowest = f"val_{self.metric.value}", wb.plots.metric_mode(self.metric.value) == "min"
         runs = list(self.runs.value) if runs is None else list(runs)
         table = self.run_table[self.run_table["run"].isin(runs)]
         bests = []
@@ -177,7 +173,7 @@ class Compare(Panel):
             if scored.empty:
                 bests.append({"run": run, metric: None, "best step": None})
                 continue
-            row = scored.loc[scored[metric].idxmin() if _mode(self.metric.value) == "min" else scored[metric].idxmax()]
+            row = scored.loc[scored[metric].idxmin() if lowest else scored[metric].idxmax()]
             bests.append({"run": run, metric: float(row[metric]), "best step": int(row["step"])})
         columns = ["run", "variant", "rank", "trainable", metric, "best step", "test_loss", "test_acc", "status"]
         summary = table.merge(pd.DataFrame(bests, columns=["run", metric, "best step"]), on="run")
@@ -188,7 +184,7 @@ class Compare(Panel):
             return "<i>no run chosen</i>"
         summary = self.run_summary(chosen)
         best_run = None if self.best_row is None else self.best_row["run"]
-        direction = "lowest" if _mode(metric) == "min" else "highest"
+        direction = "lowest" if wb.plots.metric_mode(metric) == "min" else "highest"
         caption = (f"<b>Trainable parameters against the best val_{metric}</b> ({direction}, over each run's "
                    "checkpoints; test figures: on the checkpoint the run's monitor chose)")
         return caption + html_table(summary, list(summary.columns),
@@ -208,7 +204,7 @@ class Compare(Panel):
         chosen = list(self.runs.value)
         if not chosen:
             raise ValueError("choose at least one run first (the runs box; the variant and rank filters narrow it)")
-        metric, mode = f"val_{self.metric.value}", _mode(self.metric.value)
+        metric, mode = f"val_{self.metric.value}", wb.plots.metric_mode(self.metric.value)
         paths = dict(zip(self.run_table["run"], self.run_table["path"], strict=True))
         candidates = []
         for run in chosen:
