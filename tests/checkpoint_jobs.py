@@ -1,15 +1,19 @@
-"""Jobs the checkpoint tests run in real subprocesses, to kill them or starve them of disk.
+"""Jobs the checkpoint tests run in real subprocesses, to kill them, starve them of disk or deny them writes.
 
     python checkpoint_jobs.py train RUN_DIR STEPS [--save-every K] [--pause S] [--async]
     python checkpoint_jobs.py churn DIRECTORY          save large checkpoints until killed
     python checkpoint_jobs.py disk-full DIRECTORY      save once, then again with a file-size limit
     python checkpoint_jobs.py hold-lock DIRECTORY      take the write lock, then wait to be killed
+    python checkpoint_jobs.py read-only DIRECTORY      try to write in read-only directories (see read_only)
+
+Every job runs torch on one thread, so two runs of a job compute alike on any machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import signal
 import sys
@@ -76,9 +80,11 @@ def big_model() -> nn.Module:
 
 
 def churn(directory: Path) -> None:
+    """Save full checkpoints of ``big_model`` (bias 0 filled with the step) after the newest there, forever."""
     model = big_model()
     manager = wb.CheckpointManager(directory, keep_last=3)
-    step = len(manager.list())
+    listed = manager.list()
+    step = int(listed["step"].max()) if len(listed) else 0
     while True:
         step += 1
         with torch.no_grad():
@@ -107,9 +113,41 @@ def hold_lock(directory: Path) -> None:
     time.sleep(600)
 
 
+NOBODY = 65534  # the unprivileged uid and gid a job run by root drops to
+
+
+def read_only(directory: Path) -> None:
+    """Try every kind of write in the read-only directories the test prepared; print each outcome as JSON.
+
+    ``directory/no-lock`` holds a checkpoint of step 1 and no lock file, ``directory/open-lock``
+    the same and a lock file anyone may open. Run by root (whom permission bits do not stop),
+    the job first drops to uid and gid ``NOBODY``, after its imports (the interpreter lives
+    where nobody may not read).
+    """
+    if os.geteuid() == 0:
+        os.setgroups([])
+        os.setgid(NOBODY)
+        os.setuid(NOBODY)
+    attempts = {
+        "create": lambda: wb.CheckpointManager(directory / "no-lock" / "new"),
+        "save": lambda: wb.CheckpointManager(directory / "no-lock").save(2, nn.Linear(2, 2), full=True),
+        "save-locked": lambda: wb.CheckpointManager(directory / "open-lock").save(2, nn.Linear(2, 2), full=True),
+        "delete": lambda: wb.CheckpointManager(directory / "open-lock").delete(1),
+        "list": lambda: wb.CheckpointManager(directory / "open-lock").list()["step"].tolist(),
+    }
+    outcomes = {}
+    for name, attempt in attempts.items():
+        try:
+            outcomes[name] = {"returned": repr(attempt())}
+        except Exception as error:  # the test checks which error, and its message
+            outcomes[name] = {"raised": type(error).__name__, "message": str(error)}
+    print(json.dumps(outcomes))
+
+
 def main() -> None:
+    torch.set_num_threads(1)
     parser = argparse.ArgumentParser()
-    parser.add_argument("job", choices=["train", "churn", "disk-full", "hold-lock"])
+    parser.add_argument("job", choices=["train", "churn", "disk-full", "hold-lock", "read-only"])
     parser.add_argument("directory", type=Path)
     parser.add_argument("steps", type=int, nargs="?", default=0)
     parser.add_argument("--save-every", type=int, default=10)
@@ -120,7 +158,8 @@ def main() -> None:
     if args.job == "train":
         train(args.directory, args.steps, args.save_every, args.pause, args.async_save)
     else:
-        {"churn": churn, "disk-full": disk_full, "hold-lock": hold_lock}[args.job](args.directory)
+        jobs = {"churn": churn, "disk-full": disk_full, "hold-lock": hold_lock, "read-only": read_only}
+        jobs[args.job](args.directory)
 
 
 if __name__ == "__main__":

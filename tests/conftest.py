@@ -1,6 +1,8 @@
-"""Small models shared by the tests."""
+"""Small models and settings shared by the tests."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -30,3 +32,19 @@ def regression() -> tuple[torch.Tensor, torch.Tensor]:
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer, cloned, by name."""
     return {name: t.detach().clone() for name, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
+# Bitwise comparisons are kept for one thing only: the same computation run twice (an interrupted and
+# resumed run against an uninterrupted one). They run on one thread, in this process and in the
+# subprocesses they start, so the matmul kernels split their sums the same way on any CPU.
+EXACT_THREADS = 1
+
+
+@pytest.fixture
+def fixed_threads(monkeypatch):
+    """torch on ``EXACT_THREADS`` threads here, and OMP_NUM_THREADS for subprocesses; restored afterwards."""
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", str(EXACT_THREADS))
+    torch.set_num_threads(EXACT_THREADS)
+    yield os.environ
+    torch.set_num_threads(before)

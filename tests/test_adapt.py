@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import math
+
+import numpy as np
 import pytest
 import torch
 from conftest import mlp, snapshot
+from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import (
     BertConfig,
     BertModel,
     GPT2Config,
+    GPT2LMHeadModel,
     GPT2Model,
     LlamaConfig,
     LlamaModel,
@@ -158,7 +164,7 @@ BAD_INPUTS = [
     (dict(variant="lora", rank=True), r"rank must be an integer >= 1"),
     (dict(variant="lora", rank=13), r"rank 13 is larger than layer '0' allows: at most min\(in, out\) = 12"),
     (dict(variant="lora-fa", rank=7, targets="4"), r"rank 7 is larger than layer '4' allows: at most min\(in, out\) = 6"),
-    (dict(variant="lora", rank=4, alpha=0), r"alpha must be a number > 0"),
+    (dict(variant="lora", rank=4, alpha=0), r"alpha must be a finite number > 0"),
     (dict(variant="vera", rank=4, alpha=8), r"variant 'vera' has no alpha scaling"),
     (dict(variant="lora", rank=4, targets="q_proj"), r"target 'q_proj' matches no layer of the model; adaptable layer names end in: 0, 2, 4"),
     (dict(variant="lora", rank=4, targets=["0", "nothing"]), r"target 'nothing' matches no layer"),
@@ -168,7 +174,7 @@ BAD_INPUTS = [
     (dict(variant="vera", rank=4, lr_ratio=2), r"unknown option 'lr_ratio' for variant 'vera'; valid options: d_initial, dropout, projection_seed"),
     (dict(variant="delta-lora", rank=4, dropout=0.1), r"unknown option 'dropout' for variant 'delta-lora'"),
     (dict(variant="lora", rank=4, dropout=1.5), r"option dropout=1.5 of variant 'lora' is invalid: expected a float in \[0, 1\)"),
-    (dict(variant="lora-plus", rank=4, lr_ratio=-1), r"option lr_ratio=-1 of variant 'lora-plus' is invalid: expected a number > 0"),
+    (dict(variant="lora-plus", rank=4, lr_ratio=-1), r"option lr_ratio=-1 of variant 'lora-plus' is invalid: expected a finite number > 0"),
     (dict(variant="delta-lora", rank=4, delta_start=-1), r"expected an integer >= 0"),
 ]
 
@@ -196,7 +202,7 @@ def test_adapting_twice_is_refused_and_changes_nothing():
 
 
 def test_calls_that_need_adapters_say_so():
-    for call in (wb.merge_adapters, wb.unmerge_adapters, wb.remove_adapters, lambda m: wb.make_optimizer(m, 1e-3)):
+    for call in (wb.merge_adapters, wb.unmerge_adapters, wb.remove_adapters):
         with pytest.raises(ValueError, match=r"has no adapters; add them with wb.add_adapters"):
             call(mlp())
 
@@ -205,10 +211,198 @@ def test_make_optimizer_refuses_unknown_optimizer_and_bad_lr():
     model = wb.add_adapters(mlp(), "lora", 4)
     with pytest.raises(ValueError, match=r"unknown optimizer 'lion'; valid optimizers: adamw, adam, sgd"):
         wb.make_optimizer(model, 1e-3, optimizer="lion")
-    with pytest.raises(ValueError, match=r"lr must be a number > 0"):
+    with pytest.raises(ValueError, match=r"lr must be a finite number > 0"):
         wb.make_optimizer(model, 0)
 
 
 def test_model_without_linear_layers_is_refused():
     with pytest.raises(ValueError, match=r"no layer an adapter can wrap"):
         wb.add_adapters(nn.Sequential(nn.Embedding(4, 4)), "lora", 1)
+
+
+def _refused(model: nn.Module, error: type[Exception], message: str, **kwargs) -> None:
+    """``add_adapters(model, **kwargs)`` raises ``error`` matching ``message`` and changes nothing."""
+    before, structure = snapshot(model), repr(model)
+    flags = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(error, match=message):
+        wb.add_adapters(model, **kwargs)
+    after = snapshot(model)
+    assert repr(model) == structure and [p.requires_grad for p in model.parameters()] == flags
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+NON_FINITE = [
+    ("alpha", dict(variant="lora"), r"alpha must be a finite number > 0 \(or None for alpha = rank\), not"),
+    ("lr_ratio", dict(variant="lora-plus"), r"option lr_ratio=.* of variant 'lora-plus' is invalid: expected a finite number > 0"),
+    ("delta_lambda", dict(variant="delta-lora"), r"option delta_lambda=.* of variant 'delta-lora' is invalid: expected a finite number"),
+    ("d_initial", dict(variant="vera"), r"option d_initial=.* of variant 'vera' is invalid: expected a finite number"),
+]
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize(("option", "kwargs", "message"), NON_FINITE, ids=[o for o, _, _ in NON_FINITE])
+def test_non_finite_numbers_are_refused_naming_the_option(option, kwargs, message, value):
+    _refused(mlp(), ValueError, message, rank=4, **kwargs, **{option: value})
+
+
+BAD_TYPES = [  # (add_adapters arguments, the TypeError's message)
+    (dict(targets=5), r"targets must be None, a non-empty string or a non-empty list of them, not 5 of type int"),
+    (dict(targets=["0", 2]), r"targets must be .*; 2 in \['0', 2\] is not a string"),
+    (dict(targets=("0", None)), r"None in \('0', None\) is not a string"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), BAD_TYPES, ids=["int", "list-with-int", "tuple-with-none"])
+def test_targets_of_the_wrong_type_are_refused_naming_the_valid_ones(kwargs, message):
+    _refused(mlp(), TypeError, message, variant="lora", rank=4, **kwargs)
+
+
+def test_a_model_that_is_not_a_module_is_refused():
+    with pytest.raises(TypeError, match=r"model must be a torch nn.Module, not a str"):
+        wb.add_adapters("model", "lora", 4)
+    with pytest.raises(TypeError, match=r"model must be a torch nn.Module, not a dict"):
+        wb.add_adapters(dict(mlp().state_dict()), "lora", 4)
+
+
+def test_an_integer_rank_of_numpy_is_taken_as_an_int():
+    ours, reference = wb.add_adapters(mlp(), "lora", np.int64(4)), wb.add_adapters(mlp(), "lora", 4)
+    config = wb.adapter_config(ours)
+    assert type(config.rank) is int and config == wb.adapter_config(reference)
+    assert all(type(layer.rank) is int and layer.rank == 4 for _, layer in wb.adapter_layers(ours))
+    json.dumps(config.rank)  # a progress.json can record it
+    _refused(mlp(), ValueError, r"rank must be an integer >= 1, not 2.0", variant="lora", rank=2.0)
+    _refused(mlp(), ValueError, r"rank must be an integer >= 1, not (np\.int32\()?0", variant="lora",
+             rank=np.int32(0))
+
+
+# -- tied weights and shared modules ------------------------------------------------------------------
+
+
+def gpt2_lm() -> nn.Module:
+    """GPT-2 with its head: ``lm_head.weight`` is ``transformer.wte.weight`` (tie_word_embeddings)."""
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=16, bos_token_id=0,
+                        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def _names_by_parameter(model: nn.Module) -> dict[int, list[str]]:
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return names
+
+
+def _assert_no_adapter_reaches_a_tied_weight(model: nn.Module) -> None:
+    """Every adapted layer's W is reachable under its own name only, so writing W writes nothing else."""
+    names = _names_by_parameter(model)
+    for name, layer in wb.adapter_layers(model):
+        assert names[id(layer.base_layer.weight)] == [f"{name}.base_layer.weight"]
+
+
+TIED_CASES = {"lora": ("lora", {}), "pissa": ("lora", {"init": "pissa"}), "delta-lora": ("delta-lora", {})}
+
+
+@pytest.mark.parametrize("case", TIED_CASES)
+def test_a_tied_head_is_skipped_and_nothing_writes_the_embedding(case):
+    variant, options = TIED_CASES[case]
+    model = gpt2_lm()
+    ids = IDS.remainder(100)
+    embedding = model.transformer.wte.weight.detach().clone()
+    wb.add_adapters(model, variant, 4, **options)
+    names = [name for name, _ in wb.adapter_layers(model)]
+    assert "lm_head" not in names and len(names) == 8  # c_attn, attn.c_proj, c_fc, mlp.c_proj per block
+    assert model.lm_head.weight is model.transformer.wte.weight
+    _assert_no_adapter_reaches_a_tied_weight(model)
+    assert torch.equal(model.transformer.wte.weight, embedding)  # PiSSA's residual is not written into it
+
+    _randomise(model)
+    logits = model(ids).logits.detach()
+    wb.merge_adapters(model)
+    assert torch.equal(model.transformer.wte.weight, embedding)
+    # float32 rounding of W + delta W through two blocks; a merge written into the tied head moves logits by ~1
+    torch.testing.assert_close(model(ids).logits, logits, rtol=0, atol=1e-4)
+    wb.unmerge_adapters(model)
+    assert torch.equal(model.transformer.wte.weight, embedding)
+    torch.testing.assert_close(model(ids).logits, logits, rtol=0, atol=1e-4)
+
+    optimizer = wb.make_optimizer(model, lr=0.1)  # delta-lora's step hooks move every adapted W
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+    assert torch.equal(model.transformer.wte.weight, embedding)
+    wb.remove_adapters(model, merge=True)
+    assert torch.equal(model.transformer.wte.weight, embedding) and model.lm_head.weight is model.transformer.wte.weight
+
+
+@pytest.mark.parametrize("targets", ["lm_head", ["c_attn", "lm_head"], ".*"])
+def test_targeting_a_tied_head_is_refused_naming_the_tie(targets):
+    message = r"cannot adapt 'lm_head': lm_head\.weight is tied to transformer\.wte\.weight; .* Leave 'lm_head' out"
+    _refused(gpt2_lm(), ValueError, message, variant="lora", rank=4, targets=targets)
+
+
+class TiedPair(nn.Module):
+    """A plain torch model whose first and last Linear share one weight Parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.encode, self.middle, self.decode = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 6)
+        self.decode.weight = self.encode.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(torch.tanh(self.middle(torch.tanh(self.encode(x)))))
+
+
+def test_a_weight_shared_by_two_torch_layers_is_skipped_or_refused():
+    model = wb.add_adapters(TiedPair(), "lora", 2, init="pissa")
+    assert [name for name, _ in wb.adapter_layers(model)] == ["middle"]
+    _assert_no_adapter_reaches_a_tied_weight(model)
+    _refused(TiedPair(), ValueError, r"decode\.weight is tied to encode\.weight", variant="lora", rank=2,
+             targets="decode")
+    _refused(TiedPair(), ValueError, r"encode\.weight is tied to decode\.weight", variant="lora", rank=2,
+             targets=["middle", "encode"])
+
+
+def shared_module() -> nn.Sequential:
+    """One Linear registered as both '0' and '2'; '4' is a layer of its own."""
+    torch.manual_seed(0)
+    shared = nn.Linear(6, 6)
+    return nn.Sequential(shared, nn.Tanh(), shared, nn.Tanh(), nn.Linear(6, 3))
+
+
+def test_a_module_under_two_names_is_skipped_or_refused_naming_both():
+    model = shared_module()
+    x = torch.randn(4, 6)
+    expected = model(x)
+    wb.add_adapters(model, "lora", 2, init="pissa")
+    assert [name for name, _ in wb.adapter_layers(model)] == ["4"]
+    assert model[0] is model[2] and not isinstance(model[0], wb.AdapterLayer)
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-6)  # PiSSA's residual: float rounding
+    for targets in ("0", "2", ["4", "0"]):
+        _refused(shared_module(), ValueError, r"the same Linear is registered as '0' and '2'; .*copy\.deepcopy",
+                 variant="lora", rank=2, targets=targets)
+
+
+def test_a_model_of_only_tied_layers_says_so():
+    model = nn.Module()
+    model.first = nn.Linear(4, 4)
+    model.second = model.first
+    _refused(model, ValueError, r"no layer of the model can be adapted alone: the same Linear is registered",
+             variant="lora", rank=2)
+
+
+# -- peft's adapters ------------------------------------------------------------------------------------
+
+
+def test_a_model_with_peft_adapters_is_refused_and_left_as_it_was(tmp_path):
+    peft_model = get_peft_model(mlp(), LoraConfig(r=2, target_modules=["0", "2"]))
+    message = r"carries peft adapters \(.* is a peft .*\), and a model is adapted once: .*merge_and_unload\(\).*wb\.import_peft"
+    for model in (peft_model, peft_model.base_model.model):  # the wrapper and the model peft modified in place
+        _refused(model, ValueError, message, variant="lora", rank=2)
+        assert not list(wb.adapter_layers(model))
+    with pytest.raises(ValueError, match=message):
+        wb.import_peft(peft_model, tmp_path)
+    plain = peft_model.merge_and_unload()  # what the message advises
+    assert [name for name, _ in wb.adapter_layers(wb.add_adapters(plain, "lora", 2))] == ["0", "2", "4"]

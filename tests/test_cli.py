@@ -35,7 +35,7 @@ def _entries(run) -> list[tuple]:
     return [(e["step"], e["split"], e["metric"], e["value"]) for e in lines]
 
 
-def test_train_resumes_exactly_after_sigkill(tmp_path, cache):
+def test_train_resumes_exactly_after_sigkill(tmp_path, cache, fixed_threads):
     train = ["train", "--task", "digits", "--variant", "lora", "--rank", "4", "--steps", "1500", "--lr", "0.01",
              "--dropout", "0.1", "--eval-every", "100", "--save-every", "100", "--keep-last", "2", "--quiet"]
     straight = _cli(*train, "--out", str(tmp_path / "straight"), cache=cache)
@@ -109,7 +109,22 @@ BAD = [
     (["train", "--variant", "lora", "--rank", "0", "--out", "x"], r"argument --rank: must be an integer >= 1, not 0"),
     (["train", "--variant", "lora", "--rank", "two", "--out", "x"], r"argument --rank: invalid _positive_int value|argument --rank"),
     (["train", "--variant", "lora", "--rank", "4", "--out", "x", "--steps", "-5"], r"argument --steps: must be an integer >= 1"),
-    (["train", "--variant", "lora", "--rank", "4", "--out", "x", "--lr", "0"], r"argument --lr: must be a number > 0"),
+    (["train", "--variant", "lora", "--rank", "4", "--out", "x", "--lr", "0"], r"argument --lr: must be a finite number > 0"),
+    (["train", "--variant", "lora", "--rank", "4", "--out", "x", "--lr", "nan"], r"argument --lr: must be a finite number > 0, not nan"),
+    (["train", "--variant", "lora", "--rank", "4", "--out", "x", "--lr", "inf"], r"argument --lr: must be a finite number > 0, not inf"),
+    (["train", "--variant", "lora", "--rank", "4", "--out", "x", "--alpha", "Infinity"], r"argument --alpha: must be a finite number > 0"),
+    (["train", "--variant", "lora", "--rank", "4", "--out", "x", "--dropout", "nan"], r"argument --dropout: must be a finite number, not nan"),
+    (["train", "--variant", "lora-plus", "--rank", "4", "--out", "x", "--lr-ratio", "inf"], r"argument --lr-ratio: must be a finite number"),
+    (["train", "--variant", "delta-lora", "--rank", "4", "--out", "x", "--delta-lambda=-inf"], r"argument --delta-lambda: must be a finite"),
+    (["train", "--variant", "vera", "--rank", "4", "--out", "x", "--d-initial", "nan"], r"argument --d-initial: must be a finite"),
+    (["train", "--variant", "lora", "--rank", "4", "--out", "{tmp}/r", "--seed", str(2**64)], r"seed must be an integer from 0 to 2\*\*63 - 1"),
+    (["train", "--variant", "lora", "--rank", "4", "--out", "{tmp}/file"], r"file is a file; a run needs a directory"),
+    (["sweep", "--ranks", "2", "--variants", "lora", "--out", "{tmp}/file"], r"file is a file; a sweep writes a directory"),
+    (["experiment", "--out", "{tmp}/file"], r"file is a file; a sweep writes a directory"),
+    (["sweep", "--variants", ",", "--out", "{tmp}/s"], r"variants is empty: give at least one"),
+    (["export", "{run}/checkpoints/step-00000002", "--to", "{tmp}/file"], r"file is a file; an adapter is written as a directory"),
+    (["reduce", "{run}/checkpoints/step-00000002", "--rank", "1", "--out", "{tmp}/file"], r"file is a file; the reduced checkpoint"),
+    (["report", "{run}", "--to", "{tmp}"], r"is a directory; the report is a file"),
     (["train", "--variant", "lora", "--rank", "4", "--out", "x", "--task", "mnist"], r"argument --task: invalid choice: 'mnist'"),
     (["train", "--variant", "lora", "--rank", "4", "--out", "{tmp}/r", "--lr-ratio", "4"],
      r"unknown option 'lr_ratio' for variant 'lora'; valid options: dropout, rslora"),
@@ -129,13 +144,22 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize(("argv", "message"), BAD, ids=[" ".join(a)[:50] or "nothing" for a, _ in BAD])
-def test_bad_arguments_give_one_line_and_status_2(argv, message, tmp_path, cache, capsys, monkeypatch):
-    import re
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> str:
+    """A finished two-step run, for the commands that take a checkpoint."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WORKBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+        run = tmp_path_factory.mktemp("tiny") / "run"
+        wb.train("digits", "lora", 2, run, steps=2, eval_every=2, save_every=2, progress_bar=False)
+    return str(run)
 
+
+@pytest.mark.parametrize(("argv", "message"), BAD, ids=[" ".join(a)[:50] or "nothing" for a, _ in BAD])
+def test_bad_arguments_give_one_line_and_status_2(argv, message, tmp_path, cache, capsys, monkeypatch, tiny_run):
     monkeypatch.setenv("WORKBENCH_CACHE", cache)
+    (tmp_path / "file").write_text("a file where a directory is expected\n")
     with pytest.raises(SystemExit) as exit_:
-        main([arg.replace("{tmp}", str(tmp_path)) for arg in argv])
+        main([arg.replace("{tmp}", str(tmp_path)).replace("{run}", tiny_run) for arg in argv])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("workbench") and "Traceback" not in err

@@ -195,11 +195,22 @@ REFUSALS = [
      r"has shape .* but the model's '0' needs"),
     (lambda p: _replace_weights(p, lambda t: {k.replace("model.2.", "model.9."): v for k, v in t.items()}),
      r"adapts '9', which the model has no linear layer for"),
+    (lambda p: _edit_config(p, lora_alpha=None), r"lora_alpha is missing; peft writes it for a LORA adapter"),
+    (lambda p: _edit_config(p, r="8"), r"r='8' is not a finite number"),
+    (lambda p: _edit_config(p, use_rslora="yes"), r"use_rslora='yes' is not a boolean"),
+    (lambda p: (p / "adapter_config.json").write_text('{"peft_type": "LO'), r"adapter_config.json: not readable as JSON"),
+    (lambda p: _truncate(p / "adapter_model.safetensors"), r"adapter_model.safetensors: not a readable safetensors file"),
 ]
 
 
+def _truncate(path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
 @pytest.mark.parametrize(("damage", "message"), REFUSALS,
-                         ids=["no-config", "pickle-only", "other-type", "dora", "bad-shape", "unknown-module"])
+                         ids=["no-config", "pickle-only", "other-type", "dora", "bad-shape", "unknown-module",
+                              "no-alpha", "text-rank", "text-flag", "cut-config", "cut-weights"])
 def test_import_refusals_leave_the_model_unchanged(damage, message, tmp_path):
     damage(_peft_lora_dir(tmp_path))
     model = plain()
@@ -215,3 +226,18 @@ def test_import_onto_an_adapted_model_is_refused(tmp_path):
     model = wb.add_adapters(plain(), "lora", 2)
     with pytest.raises(ValueError, match=r"already has adapters"):
         wb.import_peft(model, _peft_lora_dir(tmp_path))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_exported_files_have_the_permissions_the_umask_gives(tmp_path, umask):
+    import os
+    import stat
+
+    model = wb.add_adapters(plain(), "lora", 2)
+    before = os.umask(umask)
+    try:
+        wb.export_peft(model, tmp_path / "adapter")
+    finally:
+        os.umask(before)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "adapter").iterdir()}
+    assert modes == dict.fromkeys(["README.md", "adapter_config.json", "adapter_model.safetensors"], 0o666 & ~umask)

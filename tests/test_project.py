@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -37,3 +39,11 @@ def test_ci_runs_the_readme_test_command():
     assert setup == ["make run", "make test"]
     ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
     assert ci[-1] == "make test"
+
+
+def test_import_workbench_loads_neither_scikit_learn_nor_plotly_nor_ipywidgets():
+    """A task or a figure imports them when it needs them; ``import workbench`` stays quick."""
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, workbench; print(sorted({m.split('.')[0] for m in sys.modules}))"],
+        capture_output=True, text=True, check=True).stdout
+    assert not {"'sklearn'", "'plotly'", "'ipywidgets'"} & set(loaded.strip("[]\n").split(", "))

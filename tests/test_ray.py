@@ -56,9 +56,35 @@ def head():
 
 @pytest.fixture(scope="module")
 def reference(head, tmp_path_factory):
-    """The same sweep in this process (trained while the Ray instance boots)."""
+    """The same sweep in this process (trained while the Ray instance boots), on one thread as the workers are."""
     out = tmp_path_factory.mktemp("reference")
-    return out, wb.sweep("digits", out=out, **GRID)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return out, wb.sweep("digits", out=out, **GRID)
+    finally:
+        torch.set_num_threads(threads)
+
+
+# A Ray worker and this process are two process setups (another interpreter, other libraries loaded,
+# possibly other kernels chosen), so their numbers are compared within float32 rounding carried through
+# 60 training steps, not bit for bit; which runs, steps and checkpoints exist must match exactly.
+FLOAT_COLUMNS = ["best_value", "test_loss", "test_acc"]
+RTOL, ATOL = 1e-4, 1e-6
+
+
+def _same_table(table, reference) -> None:
+    exact = [c for c in COLUMNS if c not in FLOAT_COLUMNS]
+    assert table[exact].equals(reference[exact])
+    for column in FLOAT_COLUMNS:
+        assert table[column].tolist() == pytest.approx(reference[column].tolist(), rel=RTOL, abs=ATOL), column
+
+
+def _same_metrics(run_dir, reference_dir) -> None:
+    ours, theirs = wb.load_metrics(run_dir), wb.load_metrics(reference_dir)
+    keys = ["run", "step", "split", "metric"]
+    assert ours[keys].equals(theirs[keys])
+    assert ours["value"].tolist() == pytest.approx(theirs["value"].tolist(), rel=RTOL, abs=ATOL)
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +146,8 @@ def test_a_ray_sweep_gives_the_in_process_runs_and_skips_finished_trials(cluster
     seen = tmp_path / "steps.jsonl"
     table = wb.sweep("digits", out=out, executor="ray", callbacks=[Record(seen)], **GRID)
 
-    assert table[COLUMNS].equals(ref_table[COLUMNS])
-    assert wb.load_metrics(out).equals(wb.load_metrics(ref_dir))
+    _same_table(table, ref_table)
+    _same_metrics(out, ref_dir)
     steps = _seen(seen)
     assert {run for run, *_ in steps} == {"vera-r2-lr0.01-s0", "vera-r2-lr0.01-s1"}  # the lora trials were done
     assert sorted(step for run, *_, step in steps if run == KILLED) == list(range(1, 61))
@@ -147,12 +173,12 @@ def test_a_killed_workers_trial_resumes_from_its_checkpoint(cluster, reference, 
 
     assert _log(out / KILLED) == _log(ref_dir / KILLED)  # no step logged twice
     assert len(set(_log(out / KILLED))) == len(_log(out / KILLED))
-    assert table[COLUMNS].equals(ref_table[COLUMNS])
-    assert wb.load_metrics(out).equals(wb.load_metrics(ref_dir))
+    _same_table(table, ref_table)
+    _same_metrics(out, ref_dir)
     final = f"{KILLED}/checkpoints/step-00000060"
     for name in ("model.safetensors", "optimizer.safetensors"):
         a, b = load_file(out / final / name), load_file(ref_dir / final / name)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=RTOL, atol=ATOL) for k in a)
 
 
 def test_a_trial_that_raises_is_not_retried_and_its_error_reaches_the_caller(cluster, tmp_path):
@@ -172,8 +198,8 @@ def test_the_command_line_runs_trials_on_ray(cluster, reference, tmp_path, capsy
     assert main(["sweep", "--variants", "lora,vera", "--ranks", "2", "--lrs", "0.01", "--seeds", "0,1", "--steps", "60",
                  "--eval-every", "20", "--save-every", "20", "--quiet", "--executor", "ray", "--out", str(out)]) == 0
     assert capsys.readouterr().out.count("finished") == 4
-    assert wb.load_runs(out)[COLUMNS].equals(ref_table[COLUMNS])
-    assert wb.load_metrics(out).equals(wb.load_metrics(ref_dir))
+    _same_table(wb.load_runs(out), ref_table)
+    _same_metrics(out, ref_dir)
 
 
 @pytest.mark.parametrize(("options", "message"), [

@@ -337,3 +337,66 @@ def test_spectrum_figure_draws_values_and_energy_per_layer():
     np.testing.assert_allclose(figure.data[1].y, table[table["layer"] == "0"]["energy"])
     with pytest.raises(ValueError, match="lacks the column"):
         wb.plots.spectrum(table.drop(columns="energy"))
+
+
+# -- the SVD factors' layout -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_svd_factors_are_the_scaled_truncated_svd_contiguous_in_the_asked_dtype(dtype):
+    matrix = torch.randn(9, 7, generator=torch.Generator().manual_seed(8))
+    a, b = wb.adapters.svd_factors(matrix, 3, 0.5, dtype)
+    assert a.shape == (3, 7) and b.shape == (9, 3) and a.dtype == b.dtype == dtype
+    assert a.is_contiguous() and b.is_contiguous()
+    singular = torch.linalg.svdvals(matrix.double())[:3]
+    # float32 SVD against float64 (plus bfloat16's 8-bit mantissa where asked)
+    tolerance = 1e-5 if dtype != torch.bfloat16 else 5e-2
+    product = 0.5 * (b.double() @ a.double())
+    torch.testing.assert_close(product, truncated(matrix, 3), atol=tolerance * singular[0].item(), rtol=0)
+    gram = torch.diag(singular / 0.5)  # A A^T = S_r / s: the scale split evenly
+    torch.testing.assert_close(a.double() @ a.double().T, gram, atol=tolerance * gram[0, 0].item(), rtol=0)
+    torch.testing.assert_close(b.double().T @ b.double(), gram, atol=tolerance * gram[0, 0].item(), rtol=0)
+
+
+def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{name}.{key}": tensor for name, layer in wb.adapter_layers(model)
+            for key, tensor in [*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)]}
+
+
+def _pissa() -> nn.Module:
+    return wb.add_adapters(mlp(), "lora", 3, alpha=6, init="pissa")
+
+
+def _reduced() -> nn.Module:
+    model = train(randomised("lora"))  # rank 4, alpha 8
+    wb.reduce_rank(model, rank=2)  # alpha 4: s = 2 kept
+    return model
+
+
+def _pissa_reduced() -> nn.Module:
+    model = train(wb.add_adapters(mlp(), "lora-fa", 4, alpha=8, init="pissa"))
+    wb.reduce_rank(model, rank=2)
+    return model
+
+
+SVD_BUILT = {  # a model whose factors come from an SVD, and (variant, rank, alpha) of a plain model its shape
+    "pissa": (_pissa, ("lora", 3, 6)),
+    "reduced": (_reduced, ("lora", 2, 4)),
+    "pissa-then-reduced": (_pissa_reduced, ("lora-fa", 2, 4)),
+}
+
+
+@pytest.mark.parametrize("case", SVD_BUILT)
+def test_svd_built_factors_are_contiguous_and_compute_as_a_loaded_checkpoint(case, fixed_threads):
+    """A model in memory gives bitwise the outputs of its state dict loaded as contiguous tensors, as from a file."""
+    build, (variant, rank, alpha) = SVD_BUILT[case]
+    model = build()
+    tensors = _adapter_tensors(model)
+    assert tensors and all(tensor.is_contiguous() for tensor in tensors.values()), [
+        name for name, tensor in tensors.items() if not tensor.is_contiguous()
+    ]
+    fresh = wb.add_adapters(mlp(), variant, rank, alpha=alpha)  # default init: factors made contiguous
+    state = {key: value.detach().clone(memory_format=torch.contiguous_format) for key, value in model.state_dict().items()}
+    fresh.load_state_dict(state)
+    # the same values through the same kernels: equal to the last bit (column-major factors differed by ~1e-6 on AMD)
+    assert torch.equal(fresh(X), model(X))

@@ -108,10 +108,26 @@ def _digits_base(pretrain=digits_module.pretrain_mlp, version: int = digits_modu
 def test_second_call_loads_the_file_without_pretraining_and_versions_are_separate(tmp_path, monkeypatch):
     monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path))
     first = _digits_base()
-    assert [p.name for p in tmp_path.iterdir()] == ["digits-mlp-v1.safetensors"]  # no temporary file left
+    version = digits_module.VERSION
+    assert [p.name for p in tmp_path.iterdir()] == [f"digits-mlp-v{version}.safetensors"]  # no temporary file left
     assert _equal(_digits_base(_refuse), first)
     with pytest.raises(AssertionError, match="pre-trained although"):
-        _digits_base(_refuse, version=2)  # another version never reads the v1 file
+        _digits_base(_refuse, version=version + 1)  # another version never reads this one's file
+
+
+def test_pretraining_gives_the_same_bits_whatever_the_callers_thread_count(tmp_path, monkeypatch):
+    """Pre-training pins its own thread count, so a cache built under 1 or 2 threads is the same file."""
+    threads = torch.get_num_threads()
+    bases = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / str(count)))
+            bases.append(_digits_base())
+            assert torch.get_num_threads() == count  # given back as it was
+    finally:
+        torch.set_num_threads(threads)
+    assert _equal(*bases)
 
 
 def test_the_cached_model_equals_a_fresh_pretraining_bitwise(tmp_path, monkeypatch):

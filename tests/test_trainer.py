@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import workbench as wb
+from workbench import metrics_log
 from workbench.tasks import Task
 from workbench.trainer import Callback, Trainer
 
@@ -110,7 +111,7 @@ def test_evaluate_is_the_count_weighted_mean_over_the_split(tmp_path):
         trainer.evaluate("dev")
 
 
-def test_stop_from_another_thread_saves_and_resume_continues_exactly(tmp_path):
+def test_stop_from_another_thread_saves_and_resume_continues_exactly(tmp_path, fixed_threads):
     straight = _trainer(tmp_path, "straight", steps=80)
     assert straight.fit() == "finished"
 
@@ -186,3 +187,38 @@ def test_trainer_arguments_are_checked(tmp_path):
         Trainer(model, task, steps=0)
     with pytest.raises(ValueError, match=r"loaders need the splits train and val; missing: val"):
         Trainer(model, {"train": task.loaders(0)["train"]})
+
+
+def test_a_model_without_adapters_trains_checkpoints_and_resumes_exactly(tmp_path, fixed_threads):
+    """Full fine-tuning (every parameter trainable, no adapter): what the docstring promises."""
+    task = _scratch_task()
+
+    def plain(name: str, steps: int) -> Trainer:
+        return Trainer(task.base_model(), task, lr=1e-2, steps=steps, eval_every=10, save_every=10, seed=3,
+                       checkpoints=tmp_path / name / "checkpoints", metrics_log=tmp_path / name / "metrics.jsonl",
+                       progress_bar=False)
+
+    straight = plain("straight", 40)
+    before = {name: p.detach().clone() for name, p in straight.model.named_parameters()}
+    assert straight.fit() == "finished"
+    assert all(not torch.equal(before[name], p) for name, p in straight.model.named_parameters())  # all trained
+    assert plain("cut", 20).fit() == "finished"
+    resumed = plain("cut", 40)
+    assert resumed.fit(resume=True) == "finished"
+    assert _entries(tmp_path / "cut") == _entries(tmp_path / "straight")
+    final = "checkpoints/step-00000040/model.safetensors"
+    a, b = load_file(tmp_path / "cut" / final), load_file(tmp_path / "straight" / final)
+    assert a.keys() == {name for name, _ in straight.model.named_parameters()}
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_after_a_crash_that_cut_the_metrics_log_short(tmp_path, fixed_threads):
+    straight = _trainer(tmp_path, "straight", steps=40)
+    assert straight.fit() == "finished"
+    assert _trainer(tmp_path, "cut", steps=20).fit() == "finished"
+    log = tmp_path / "cut" / "metrics.jsonl"
+    log.write_text(log.read_text() + '{"step": 21, "split": "tr')  # the crash came mid-line
+    resumed = _trainer(tmp_path, "cut", steps=40)
+    assert resumed.fit(resume=True) == "finished"
+    assert _entries(tmp_path / "cut") == _entries(tmp_path / "straight")
+    assert metrics_log.read(log)[-1]["step"] == 40

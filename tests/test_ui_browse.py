@@ -261,7 +261,10 @@ def test_browser_reduce_rank_equals_reduce_checkpoint_and_adds_a_rank_reduced_ro
     assert (listed.loc[str(browser.reduced), "run"], listed.loc[str(browser.reduced), "stage"]) == (
         out.name, "rank-reduced")
     assert str(browser.reduced) in [key for _, key in table_rows(browser.table.value)]
-    assert listed.loc[str(browser.reduced), "val_loss"] == wb.evaluate_checkpoint(browser.reduced, "val")["val_loss"]
+    # Recorded on the reduced model in memory, re-measured on the checkpoint as loaded: two code paths over the
+    # same contiguous tensors, so they agree within float32 rounding of the split's mean loss (not bit for bit).
+    again = wb.evaluate_checkpoint(browser.reduced, "val")["val_loss"]
+    assert listed.loc[str(browser.reduced), "val_loss"] == pytest.approx(again, rel=1e-6)
 
     path, direct = wb.reduce_checkpoint(chosen, tmp_path / "direct", rank=2)
     pd.testing.assert_frame_equal(browser.reduction, direct)
@@ -271,8 +274,8 @@ def test_browser_reduce_rank_equals_reduce_checkpoint_and_adds_a_rank_reduced_ro
         assert f"{row['kept_energy']:.4g}" in browser.details.value
     reduced, _ = wb.load_run_model(browser.reduced)
     reference, _ = wb.load_run_model(chosen)
-    wb.reduce_rank(reference, rank=2)
-    assert torch.equal(outputs(reduced, val_batch()), outputs(reference, val_batch()))
+    wb.reduce_rank(reference, rank=2)  # reduced here, in memory: another path to the same factors
+    assert torch.allclose(outputs(reduced, val_batch()), outputs(reference, val_batch()), rtol=1e-5, atol=1e-6)
     assert f"into the run {out.name}" in status(browser) and "val_acc" in status(browser)
 
     browser.reduce_mode.value, browser.reduce_energy.value = "energy", 0.5

@@ -119,7 +119,8 @@ def test_variant_options_are_shown_only_for_their_variant_and_reach_the_run(tmp_
     assert panel.launch()
     (path,) = panel.wait(TIMEOUT)["path"]
     settings = json.loads((tmp_path / "runs" / path / "config.json").read_text())["settings"]
-    assert settings["options"] == {"delta_lambda": 0.25}  # defaults left out, as a sweep records them
+    # every option of the variant recorded, the defaults made explicit (wb.Run resolves them), lr_ratio not among them
+    assert settings["options"] == {"rslora": False, "delta_lambda": 0.25, "delta_start": 0, "init": "default"}
     assert settings["alpha"] == 8 and settings["targets"] is None  # every module = the task's default
 
 
@@ -141,16 +142,16 @@ def test_init_is_a_choice_of_the_lora_family_and_a_pissa_launch_records_it(tmp_p
             wb.add_adapters(wb.tasks.get_task("digits").base_model(), variant, 2, init="svd")
 
     panel.variant.value = "lora"
-    assert panel.launch()  # "default": left out of the record, as a sweep leaves it
+    assert panel.launch()  # "default": recorded as the default it is
     (path,) = panel.wait(TIMEOUT)["path"]
-    assert json.loads((tmp_path / "runs" / path / "config.json").read_text())["settings"]["options"] == {}
+    assert json.loads((tmp_path / "runs" / path / "config.json").read_text())["settings"]["options"]["init"] == "default"
 
     init.value = "pissa"  # a run of its own beside the default one (wb.trial_name names the init)
     assert panel.launch()
     (path,) = panel.wait(TIMEOUT)["path"]
     assert path.endswith("-pissa") and len(panel.runs) == 2
     settings = json.loads((tmp_path / "runs" / path / "config.json").read_text())["settings"]
-    assert settings["options"] == {"init": "pissa"} and panel.last_error is None
+    assert settings["options"]["init"] == "pissa" and panel.last_error is None
     assert wb.load_checkpoints(path)["stage"].tolist()[0] == "svd-init"
     model, _ = wb.load_run_model(wb.best_checkpoint(path))
     assert {layer.init for _, layer in wb.adapter_layers(model)} == {"pissa"}

@@ -183,3 +183,29 @@ def test_dropout_acts_on_the_adapter_path_only_in_training():
     assert not torch.equal(model(x), model(x))
     model.eval()
     torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variant", ["lora", "vera"])
+def test_adapters_take_the_mode_of_the_layers_they_replace(variant):
+    """A model adapted in eval mode infers without dropout; adapted in training mode, it trains with it."""
+    model = mlp().eval()
+    wb.add_adapters(model, variant, 4, dropout=0.5)
+    layers = [layer for _, layer in wb.adapter_layers(model)]
+    assert all(not module.training for layer in layers for module in layer.modules())
+    for layer in layers:  # a non-zero update, so that dropout on its path would show
+        nn.init.normal_(layer.adapter_params()["vera_lambda_b" if variant == "vera" else "lora_B"])
+    x = torch.randn(16, 12)
+    torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
+    expected = x
+    for module in model:  # dropout off: every adapted layer is W x + b + delta W x
+        if isinstance(module, wb.AdapterLayer):
+            expected = module.base_layer(expected) + expected @ module.delta_weight().T
+        else:
+            expected = module(expected)
+    # B (A x) against (B A) x: float32 rounding only; dropout at p = 0.5 would change outputs by O(1)
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+
+    training = mlp()
+    training[4].eval()  # a layer the user froze in eval mode keeps it
+    wb.add_adapters(training, variant, 4, dropout=0.5)
+    assert [training[i].training for i in (0, 2, 4)] == [True, True, False]

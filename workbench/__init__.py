@@ -3,7 +3,7 @@
 The public face: ``import workbench as wb``.
 """
 
-from . import plots, tasks
+from . import selection, tasks
 from .adapt import (
     AdapterConfig,
     adapter_config,
@@ -43,11 +43,12 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> object:
-    """``wb.ui`` is imported on first use, so the library itself never loads ipywidgets."""
-    if name == "ui":
+    """``wb.ui`` and ``wb.plots`` are imported on first use: the library never loads ipywidgets, nor plotly
+    until a figure is drawn."""
+    if name in ("ui", "plots"):
         import importlib
 
-        return importlib.import_module(".ui", __name__)
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -88,6 +89,7 @@ __all__ = [
     "remove_adapters",
     "run_settings",
     "saved_activations",
+    "selection",
     "spectrum",
     "spectrum_over_checkpoints",
     "sweep",

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
 from .adapters import AdapterLayer, adapter_layers, get_variant, linear_shape
+from .adapters.variant import is_finite_number
 from .targets import Targets, find_targets
 
 _CONFIG = "_workbench_adapter_config"
@@ -63,10 +66,59 @@ def replace_config(model: nn.Module, **changes: Any) -> AdapterConfig:
     return config
 
 
+# peft's classes for a model that carries its adapters, found only if peft is imported already
+# (the model came from it): the library never imports peft.
+_PEFT_CLASSES = (("peft.tuners.tuners_utils", "BaseTunerLayer"), ("peft.peft_model", "PeftModel"))
+
+
+def _peft_module(model: nn.Module) -> str | None:
+    """Which module of ``model`` is peft's (a ``PeftModel`` or a ``BaseTunerLayer``), in words; None if none is."""
+    kinds = tuple(getattr(sys.modules.get(m), c) for m, c in _PEFT_CLASSES if hasattr(sys.modules.get(m), c))
+    if not kinds:
+        return None
+    for name, module in model.named_modules():
+        if isinstance(module, kinds):
+            where = f"module {name!r}" if name else "the model"
+            return f"{where} is a peft {type(module).__name__}"
+    return None
+
+
 def refuse_adapted(model: nn.Module) -> None:
-    """Raise ``ValueError`` if ``model`` has adapters already: a model is adapted once."""
+    """Refuse what cannot be adapted: not an ``nn.Module``, or a model with adapters already.
+
+    A model is adapted once; adapters from peft count too (adapting a ``PeftModel`` would wrap
+    peft's own ``lora_A`` and ``lora_B`` layers).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: the model carries adapters, this library's or peft's.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch nn.Module, not a {type(model).__name__}")
     if getattr(model, _CONFIG, None) is not None or any(True for _ in adapter_layers(model)):
         raise ValueError("the model already has adapters; call wb.remove_adapters(model) before adding new ones")
+    peft = _peft_module(model)
+    if peft is not None:
+        raise ValueError(
+            f"the model carries peft adapters ({peft}), and a model is adapted once: fold them "
+            "into the weights with peft's model.merge_and_unload() and adapt what it returns, or load a saved "
+            "peft adapter onto the plain base model with wb.import_peft(base_model, directory)"
+        )
+
+
+def _check_rank(rank: object) -> int:
+    """``rank`` as an int: any integer >= 1, including numpy's (``operator.index``), but not a bool.
+
+    Raises:
+        ValueError: a float, bool, string or an integer < 1.
+    """
+    try:
+        value = operator.index(rank)
+    except TypeError:
+        value = None
+    if value is None or isinstance(rank, bool) or value <= 0:
+        raise ValueError(f"rank must be an integer >= 1, not {rank!r}")
+    return value
 
 
 def add_adapters(
@@ -80,38 +132,48 @@ def add_adapters(
     """Wrap every targeted layer in an adapter of ``variant`` and freeze everything else.
 
     Each selected ``nn.Linear`` or ``Conv1D`` is replaced in place by the variant's adapter
-    layer, which keeps the original module as ``base_layer``. Afterwards only the adapters'
+    layer, which keeps the original module as ``base_layer`` and takes its train/eval mode (a
+    model in eval mode gets adapters in eval mode, dropout off). Afterwards only the adapters'
     trainable tensors have ``requires_grad=True``. At initialisation the outputs are unchanged:
     every variant's update starts at zero, or, with ``init="pissa"`` (lora, lora-fa, delta-lora,
     lora-plus), A and B start as the top-r SVD of W and the frozen weight is the residual.
 
+    Layers that cannot be adapted alone are skipped by ``targets=None`` and refused when named
+    (see ``workbench.targets``): a tied layer, whose weight is shared with another module (GPT-2's
+    ``lm_head`` and ``transformer.wte``), which merging would write too; and a shared layer, one
+    module registered under two names, which an adapter would replace under one name only.
+
     Args:
         model: any ``nn.Module``, e.g. a transformers model built from a config.
         variant: one of ``wb.VARIANTS``.
-        rank: r >= 1; for the LoRA family at most min(in, out) of every targeted layer.
-        alpha: the scale numerator of alpha / r; ``None`` means alpha = r (scale 1). Not used by vera.
+        rank: r >= 1 (an int, or an integer such as numpy's); for the LoRA family at most
+            min(in, out) of every targeted layer.
+        alpha: the scale numerator of alpha / r, a finite number > 0; ``None`` means alpha = r
+            (scale 1). Not used by vera.
         targets: see ``find_targets``: exact names, suffixes such as ``"q_proj"``, or regular
-            expressions; ``None`` means every supported linear layer.
+            expressions; ``None`` means every supported linear layer that is neither tied nor shared.
         **options: the variant's own options, e.g. ``dropout=0.1`` for lora, ``init="pissa"``.
 
     Returns:
         The same model, adapted.
 
     Raises:
-        ValueError: unknown variant or option, invalid rank, alpha or option value, targets that
-            match nothing, or a model that already has adapters. The model is then unchanged.
+        TypeError: ``model`` is not an ``nn.Module``, or ``targets`` is not None, a string or a
+            list of strings.
+        ValueError: unknown variant or option, invalid rank, alpha or option value (NaN and
+            infinities included), targets that match nothing or select a tied or shared layer, or
+            a model that already has adapters (this library's or peft's). The model is then unchanged.
     """
     refuse_adapted(model)
     spec = get_variant(variant)
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-        raise ValueError(f"rank must be an integer >= 1, not {rank!r}")
+    rank = _check_rank(rank)
     if not spec.uses_alpha:
         if alpha is not None:
             raise ValueError(f"variant {variant!r} has no alpha scaling; leave alpha=None")
     elif alpha is None:
         alpha = float(rank)
-    elif not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
-        raise ValueError(f"alpha must be a number > 0 (or None for alpha = rank), not {alpha!r}")
+    elif not is_finite_number(alpha) or alpha <= 0:
+        raise ValueError(f"alpha must be a finite number > 0 (or None for alpha = rank), not {alpha!r}")
     resolved = spec.resolve_options(options)
     bases = find_targets(model, targets)
     if spec.rank_limited:
@@ -126,6 +188,7 @@ def add_adapters(
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(False)
     for name, layer in layers.items():
+        layer.train(bases[name].training)
         _replace(model, name, layer)
         for param in layer.adapter_params().values():
             param.requires_grad_(True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,21 +16,28 @@ from .adapters import VARIANTS
 from .checkpoints import CheckpointError
 from .distributed import torchrun_group
 from .executors import EXECUTORS, MissingExtraError
-from .plots import metric_mode
 from .report import check_claims, write_report
 from .runs import best_checkpoint, export_checkpoint, load_metrics, load_runs, reduce_checkpoint, train
 from .svd import effective_rank, spectrum
 from .sweep import sweep
 from .tasks import TASKS
 
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
+    return value
+
+
 # Variant options as flags: (flag, option name, type, help). Given only when set, so a flag that
 # the chosen variant does not have is refused by add_adapters with the valid options named.
 OPTION_FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
-    ("--dropout", "dropout", float, "dropout on the adapter path (lora, lora-fa, lora-plus, vera)"),
-    ("--lr-ratio", "lr_ratio", float, "LoRA+: B's learning rate over A's (default 16)"),
-    ("--delta-lambda", "delta_lambda", float, "Delta-LoRA: lambda (default 0.5)"),
+    ("--dropout", "dropout", _finite_float, "dropout on the adapter path (lora, lora-fa, lora-plus, vera)"),
+    ("--lr-ratio", "lr_ratio", _finite_float, "LoRA+: B's learning rate over A's (default 16)"),
+    ("--delta-lambda", "delta_lambda", _finite_float, "Delta-LoRA: lambda (default 0.5)"),
     ("--delta-start", "delta_start", int, "Delta-LoRA: plain LoRA steps before W moves (default 0)"),
-    ("--d-initial", "d_initial", float, "VeRA: initial value of d (default 0.1)"),
+    ("--d-initial", "d_initial", _finite_float, "VeRA: initial value of d (default 0.1)"),
     ("--init", "init", str, "LoRA family: 'pissa' starts A and B from the weight's top-r singular vectors and "
      "freezes the residual (default 'default': A random, B zero)"),
     ("--projection-seed", "projection_seed", int, "VeRA: seed of the shared random projections (default 0)"),
@@ -48,8 +56,8 @@ def _positive_int(text: str) -> int:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, not {text}")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, not {text}")
     return value
 
 
@@ -97,7 +105,7 @@ def _run_settings(args: argparse.Namespace) -> dict[str, Any]:
     settings = {
         "alpha": args.alpha, "targets": args.targets, "optimizer": args.optimizer,
         "eval_every": args.eval_every, "save_every": args.save_every, "keep_last": args.keep_last,
-        "keep_best": args.keep_best, "monitor": args.monitor, "mode": metric_mode(args.monitor),
+        "keep_best": args.keep_best, "monitor": args.monitor,
         "progress_bar": not args.quiet,
     }
     options = {name: getattr(args, name) for _, name, _, _ in OPTION_FLAGS if getattr(args, name) is not None}
@@ -209,6 +217,10 @@ def _experiment(args: argparse.Namespace) -> None:
     print(f"best checkpoint (val_loss): {best_checkpoint(args.out)}")
 
 
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())  # one line, even for multi-line messages
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -229,8 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "runs":
             _print_table(load_runs(args.directory))
         elif args.command == "best":
-            mode = args.mode or metric_mode(args.metric)
-            print(best_checkpoint(args.directory, args.metric, mode))
+            print(best_checkpoint(args.directory, args.metric, args.mode))
         elif args.command == "export":
             print(export_checkpoint(args.checkpoint, args.to, args.format))
         elif args.command == "reduce":
@@ -246,9 +257,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(ranks.to_string())
         elif args.command == "report":
             print(write_report(args.directory, args.to))
-    except (ValueError, CheckpointError, MissingExtraError) as error:
-        message = " ".join(str(error).split())  # one line, even for multi-line messages
-        parser.exit(2, f"workbench: error: {message}\n")
+    except (ValueError, TypeError, CheckpointError, MissingExtraError) as error:
+        parser.exit(2, f"workbench: error: {_one_line(error)}\n")
+    except OSError as error:  # the disk, not the arguments: a full disk, a path that vanished
+        parser.exit(1, f"workbench: error: {_one_line(error)}\n")
     return 0
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import nn
 
-from .adapt import adapter_config
+from .adapt import AdapterConfig, adapter_config
 from .adapters import adapter_layers, get_variant
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -22,29 +23,41 @@ def make_optimizer(model: nn.Module, lr: float, optimizer: str = "adamw", **kwar
 
     LoRA+ gets its two parameter groups (lr for A, ``lr_ratio`` x lr for B); Delta-LoRA gets
     its weight update as step hooks. Any trainable parameter outside the adapters (a head the
-    user unfroze, say) is trained too, at ``lr``.
+    user unfroze, say) is trained too, at ``lr``. A model without adapters gets one group of
+    every parameter with ``requires_grad`` (full fine-tuning, or a head on a frozen base).
 
     Args:
-        model: a model adapted with ``wb.add_adapters``.
+        model: a model adapted with ``wb.add_adapters``, or any model with trainable parameters.
         lr: the base learning rate.
         optimizer: ``"adamw"``, ``"adam"`` or ``"sgd"``.
         **kwargs: passed to the optimizer class, e.g. ``weight_decay=0.01``.
 
     Raises:
-        ValueError: unknown optimizer, lr <= 0, or a model without adapters.
+        ValueError: unknown optimizer, lr not a finite number > 0, or a model with nothing to train.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; valid optimizers: {', '.join(OPTIMIZERS)}")
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0:
-        raise ValueError(f"lr must be a number > 0, not {lr!r}")
-    config = adapter_config(model)
-    variant = get_variant(config.variant)
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a finite number > 0, not {lr!r}")
+    config = _config_or_none(model)
+    variant = get_variant(config.variant) if config is not None else None
     layers = [layer for _, layer in adapter_layers(model)]
-    groups = variant.param_groups(layers, lr, config.options)
+    groups = variant.param_groups(layers, lr, config.options) if variant is not None else []
     grouped = {id(p) for group in groups for p in group["params"]}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in grouped]
     if others:
         groups.append({"params": others, "lr": lr})
+    if not groups:
+        raise ValueError("the model has no parameter with requires_grad=True: add adapters (wb.add_adapters) "
+                         "or unfreeze the parameters to train")
     result = OPTIMIZERS[optimizer](groups, lr=lr, **kwargs)
-    variant.attach(result, layers)
+    if variant is not None:
+        variant.attach(result, layers)
     return result
+
+
+def _config_or_none(model: nn.Module) -> AdapterConfig | None:
+    try:
+        return adapter_config(model)
+    except ValueError:  # a model without adapters: every trainable parameter in one group
+        return None

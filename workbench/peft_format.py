@@ -18,7 +18,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from torch import nn
 from .adapt import adapter_config, add_adapters, refuse_adapted, remove_adapters
 from .adapters import adapter_layers, get_variant, is_supported, linear_shape
 from .adapters.layer import _is_conv1d
+from .checkpoints.files import to_json, write_file, write_text
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -45,17 +45,6 @@ _DELTA_LORA_NOTE = (
 def _exact_names_pattern(names: list[str]) -> str:
     """A regex that peft and ``find_targets`` both fullmatch against exactly these names."""
     return "(?:" + "|".join(re.escape(name) for name in names) + ")"
-
-
-def _write_atomically(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def export_peft(
@@ -87,7 +76,10 @@ def export_peft(
 
     The file is meant for the original base model, which is what peft applies it to. For
     delta-lora the base weights moved during training; a warning and the directory's README.md
-    say so.
+    say so. Each file is written atomically, with the permissions the umask gives.
+
+    Raises:
+        ValueError: the model has no adapters, or ``directory`` is a file.
     """
     config = adapter_config(model)
     variant = get_variant(config.variant)
@@ -149,14 +141,17 @@ def export_peft(
     tensors = {key: t.detach().to("cpu").contiguous().clone() for key, t in tensors.items()}
 
     out = Path(directory)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; an adapter is written as a directory: give a new or empty directory")
+    text = to_json(peft_config, indent=2) + "\n"
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomically(out / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _write_atomically(out / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(peft_config, indent=2) + "\n"))
+    write_file(out / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    write_text(out / CONFIG_FILE, text)
     readme = f"# Adapter ({config.variant}, r={config.rank})\n\nWritten by the adapter workbench in peft's format.\n"
     if config.variant == "delta-lora":
         warnings.warn(_DELTA_LORA_NOTE, stacklevel=2)
         readme += "\n" + _DELTA_LORA_NOTE + "\n"
-    _write_atomically(out / "README.md", lambda p: Path(p).write_text(readme))
+    write_text(out / "README.md", readme)
     return out
 
 
@@ -187,7 +182,12 @@ def _read_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tens
         pickled = (directory / "adapter_model.bin").is_file()
         reason = "only adapter_model.bin, a pickle, which is never loaded" if pickled else f"no {WEIGHTS_FILE}"
         raise ValueError(f"{directory} holds {reason}; save the adapter with safe_serialization=True")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{config_path}: not readable as JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: not an adapter config (a JSON object with peft_type, r, ...)")
     if config.get("peft_type") not in ("LORA", "VERA"):
         raise ValueError(f"peft_type {config.get('peft_type')!r} in {config_path} is not supported; valid: LORA, VERA")
     for key, default in _UNSUPPORTED.items():
@@ -197,7 +197,33 @@ def _read_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tens
             )
     if config.get("bias", "none") != "none":
         raise ValueError(f"{config_path}: bias={config['bias']!r} is not supported; only 'none'")
-    return config, load_file(weights_path)
+    try:
+        tensors = load_file(weights_path)
+    except Exception as error:  # safetensors raises its own error types for a truncated or malformed file
+        raise ValueError(f"{weights_path}: not a readable safetensors file ({error})") from None
+    return config, tensors
+
+
+_REQUIRED = object()
+
+
+def _field(config: dict[str, Any], key: str, kind: type, default: Any = _REQUIRED) -> Any:
+    """``config[key]`` as ``kind`` (int or float: a finite number; bool: a JSON boolean), or its default.
+
+    Raises:
+        ValueError: the key is missing with no default, or its value is not of that kind.
+    """
+    if key not in config or config[key] is None:
+        if default is _REQUIRED:
+            raise ValueError(f"{CONFIG_FILE}: {key} is missing; peft writes it for a {config['peft_type']} adapter")
+        return default
+    value = config[key]
+    valid = (isinstance(value, bool) if kind is bool else
+             isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+             and (kind is float or float(value).is_integer()))
+    if not valid:
+        raise ValueError(f"{CONFIG_FILE}: {key}={value!r} is not {'a boolean' if kind is bool else 'a finite number'}")
+    return kind(value)
 
 
 def _parse_keys(tensors: dict[str, torch.Tensor], suffixes: tuple[str, ...], shared: tuple[str, ...]) -> list[str]:
@@ -224,30 +250,32 @@ def import_peft(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Modul
     when the file holds them, else regenerated from ``projection_prng_key``).
 
     Raises:
-        ValueError: not a peft directory, a pickle-only adapter, an adapter type or feature this
-            library does not have, or tensors that do not fit the model. The model is then unchanged.
+        ValueError: not a peft directory, a pickle-only adapter, an unreadable or truncated file, a
+            config missing a field peft writes (r, lora_alpha) or with a value of the wrong type, an
+            adapter type or feature this library does not have, or tensors that do not fit the model.
+            The model is then unchanged.
     """
     refuse_adapted(model)
     directory = Path(directory)
     config, tensors = _read_adapter(directory)
-    rank = int(config["r"])
+    rank = _field(config, "r", int)
     if config["peft_type"] == "LORA":
         names = _parse_keys(tensors, ("lora_A.weight", "lora_B.weight"), ())
         expected = {"lora_A.weight": lambda i, o: (rank, i), "lora_B.weight": lambda i, o: (o, rank)}
         args: dict[str, Any] = {
             "variant": "lora",
-            "alpha": float(config["lora_alpha"]),
-            "dropout": float(config.get("lora_dropout", 0.0)),
-            "rslora": bool(config.get("use_rslora", False)),
+            "alpha": _field(config, "lora_alpha", float),
+            "dropout": _field(config, "lora_dropout", float, 0.0),
+            "rslora": _field(config, "use_rslora", bool, False),
         }
     else:
         names = _parse_keys(tensors, ("vera_lambda_d", "vera_lambda_b"), ("base_model.vera_A", "base_model.vera_B"))
         expected = {"vera_lambda_d": lambda i, o: (rank,), "vera_lambda_b": lambda i, o: (o,)}
         args = {
             "variant": "vera",
-            "d_initial": float(config.get("d_initial", 0.1)),
-            "dropout": float(config.get("vera_dropout", 0.0)),
-            "projection_seed": int(config.get("projection_prng_key", 0)),
+            "d_initial": _field(config, "d_initial", float, 0.1),
+            "dropout": _field(config, "vera_dropout", float, 0.0),
+            "projection_seed": _field(config, "projection_prng_key", int, 0),
         }
     for name in names:
         module = model.get_submodule(name) if _has_module(model, name) else None

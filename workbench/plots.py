@@ -16,6 +16,7 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from .adapters import VARIANTS
+from .selection import best_index, direction, metric_mode
 
 METRICS_COLUMNS = ("run", "step", "split", "metric", "value")
 PALETTE = qualitative.Plotly
@@ -27,11 +28,6 @@ def require_columns(table: pd.DataFrame, columns: Sequence[str], what: str) -> N
     missing = [column for column in columns if column not in table.columns]
     if missing:
         raise ValueError(f"{what} lacks the column(s) {', '.join(missing)}; it needs {', '.join(columns)}")
-
-
-def metric_mode(metric: str) -> str:
-    """``"max"`` for an accuracy (a name ending in ``acc``), ``"min"`` for a loss or anything else."""
-    return "max" if metric.endswith("acc") else "min"
 
 
 def variant_color(variant: str) -> str:
@@ -160,7 +156,7 @@ def best_by_variant_and_rank(runs: pd.DataFrame, value: str = "best_value") -> g
     """
     scored, name, mode = _scored(runs, value, ("run", "variant", "rank"))
     groups = scored.groupby(["variant", "rank"])[value]
-    best = scored.loc[groups.idxmin() if mode == "min" else groups.idxmax()]
+    best = scored.loc[[index for _, group in groups if (index := best_index(group, mode)) is not None]]
     ranks = sorted(best["rank"].unique())
     figure = go.Figure()
     for variant in _variant_order(best["variant"]):
@@ -170,8 +166,7 @@ def best_by_variant_and_rank(runs: pd.DataFrame, value: str = "best_value") -> g
             marker_color=variant_color(variant), text=[f"{v:.3g}" for v in bars[value]], textposition="outside",
             hovertemplate=f"%{{customdata}}<br>{name} %{{y:.4g}}<extra></extra>",
         ))
-    direction = "lowest" if mode == "min" else "highest"
-    figure.update_layout(title=f"Best {name} by variant and rank ({direction} over each variant's runs)",
+    figure.update_layout(title=f"Best {name} by variant and rank ({direction(mode)} over each variant's runs)",
                          barmode="group", xaxis={"title": "rank", "categoryorder": "array",
                                                  "categoryarray": [f"rank {r}" for r in ranks]},
                          yaxis_title=name, legend_title_text="variant", template=TEMPLATE)

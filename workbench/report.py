@@ -13,20 +13,16 @@ from collections.abc import Callable, Iterator, Sequence
 from html import escape
 from numbers import Integral, Real
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-import plotly.graph_objects as go
-import plotly.io as pio
 
-from .plots import (
-    best_by_variant_and_rank,
-    metric_mode,
-    parameters_vs_metric,
-    training_loss,
-    validation_curves,
-)
+from .checkpoints.files import write_text
 from .runs import load_checkpoints, load_metrics, load_runs
+from .selection import best_index, direction, metric_mode
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
 
 HOLDS, FAILS, UNMEASURED = "holds", "does not hold", "not measured here"
 VERA_MIN_RATIO = 10.0  # LoRA's trainable parameters over VeRA's, at least
@@ -61,10 +57,9 @@ def _validation(metrics: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 def _best(values: pd.DataFrame, runs: Sequence[str], mode: str) -> float | None:
     """The best value any of ``runs`` logged (lowest for mode "min"), or None if they logged none."""
-    mine = values.loc[values["run"].isin(runs), "value"].dropna()
-    if mine.empty:
-        return None
-    return float(mine.min() if mode == "min" else mine.max())
+    mine = values.loc[values["run"].isin(runs), "value"]
+    best = best_index(mine, mode)
+    return None if best is None else float(mine[best])
 
 
 def _first_step(values: pd.DataFrame, runs: Sequence[str], target: float) -> int | None:
@@ -201,10 +196,8 @@ def main_monitor(runs: pd.DataFrame) -> str:
 def best_run(runs: pd.DataFrame, monitor: str) -> str | None:
     """The run with the best ``best_value`` among the runs monitoring ``monitor`` (lowest loss, highest
     accuracy), or None if none has a checkpoint with it."""
-    values = pd.to_numeric(runs.loc[runs["monitor"] == monitor, "best_value"], errors="coerce").dropna()
-    if values.empty:
-        return None
-    return str(runs.loc[values.idxmin() if metric_mode(monitor) == "min" else values.idxmax(), "run"])
+    best = best_index(runs.loc[runs["monitor"] == monitor, "best_value"], metric_mode(monitor))
+    return None if best is None else str(runs.loc[best, "run"])
 
 
 def _cell(value: Any) -> str:
@@ -238,9 +231,9 @@ def _runs_section(runs: pd.DataFrame, monitor: str) -> str:
         note = f"No run has a checkpoint with {monitor} yet."
     else:
         row = runs.loc[runs["run"] == best].iloc[0]
-        direction = "lowest" if metric_mode(monitor) == "min" else "highest"
-        note = (f"Highlighted: the best run by {monitor} ({direction}), {best}: {row['best_value']:.4g} at step "
-                f"{int(row['best_step'])}, checkpoint {Path(row['best_checkpoint']).name}.")
+        note = (f"Highlighted: the best run by {monitor} ({direction(metric_mode(monitor))}), {best}: "
+                f"{row['best_value']:.4g} at step {int(row['best_step'])}, "
+                f"checkpoint {Path(row['best_checkpoint']).name}.")
     table = table_html(shown, lambda r: r["run"] == best)
     return f'<p class="note">{escape(note)}</p>{table}'
 
@@ -263,6 +256,8 @@ def _claims_section(checked: list[dict[str, Any]]) -> str:
 def _sections(runs: pd.DataFrame, metrics: pd.DataFrame, checkpoints: pd.DataFrame
               ) -> list[tuple[str, str, go.Figure | str]]:
     """(heading, note, figure or HTML) for each part of the report, in order."""
+    from .plots import best_by_variant_and_rank, parameters_vs_metric, training_loss, validation_curves
+
     monitor = main_monitor(runs)
     same = runs[runs["monitor"] == monitor]
     logged = set(metrics.loc[metrics["split"] == "val", "metric"])
@@ -286,6 +281,9 @@ def _sections(runs: pd.DataFrame, metrics: pd.DataFrame, checkpoints: pd.DataFra
 
 def _page(title: str, summary: str, sections: list[tuple[str, str, go.Figure | str]]) -> str:
     """The HTML page; plotly.js is embedded inline with the first figure only."""
+    import plotly.graph_objects as go
+    import plotly.io as pio
+
     parts, embedded = [], False
     for heading, note, content in sections:
         if isinstance(content, go.Figure):
@@ -316,7 +314,8 @@ def write_report(directory: str | os.PathLike[str], to: str | os.PathLike[str] =
     summary = (f"{len(runs)} runs in {directory}: task {', '.join(sorted(set(runs['task'])))}; variants "
                f"{', '.join(sorted(set(runs['variant'])))}; ranks {', '.join(map(str, sorted(set(runs['rank']))))}.")
     path = Path(to)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; the report is a file: give a path such as {path / 'report.html'}")
+    page = _page("Adapter workbench report", summary, _sections(runs, metrics, load_checkpoints(directory)))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(_page("Adapter workbench report", summary, _sections(runs, metrics, load_checkpoints(directory))),
-                    encoding="utf-8")
-    return path
+    return write_text(path, page)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,13 +26,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import metrics_log
 from .adapt import add_adapters, trainable_parameters
+from .adapters import get_variant
 from .checkpoints import CheckpointError, CheckpointManager
+from .checkpoints.files import write_json
 from .memory import saved_activations
 from .peft_format import export_peft
+from .selection import best_index, resolve_mode
 from .svd import match_ranks, reduce_rank
+from .targets import target_patterns
 from .tasks import Task, get_task
-from .trainer import Callback, Trainer, evaluate
+from .trainer import Callback, Trainer, check_seed, evaluate
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -39,17 +45,48 @@ CHECKPOINTS_DIR = "checkpoints"
 REDUCED_STAGE = "rank-reduced"  # the stage of a checkpoint written by reduce_checkpoint
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def _read_record(run: Path) -> dict[str, Any]:
+    """A run's config.json, checked to hold a record with its settings.
+
+    Raises:
+        ValueError: no config.json, or one that is not a run record (cut short, edited, another file).
+    """
+    path = run / CONFIG_FILE
     try:
-        return json.loads((run / CONFIG_FILE).read_text())
+        record = json.loads(path.read_text())
     except FileNotFoundError:
         raise ValueError(f"{run} is not a run directory ({CONFIG_FILE} is missing)") from None
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: not readable as JSON ({error})") from None
+    settings = record.get("settings") if isinstance(record, dict) else None
+    missing = [key for key in RECORD_SETTINGS if not isinstance(settings, dict) or key not in settings]
+    if missing:
+        raise ValueError(f"{path}: not a run record (its settings lack {', '.join(missing)})")
+    return record
+
+
+RECORD_SETTINGS = ("task", "variant", "rank", "alpha", "targets", "options", "lr", "seed", "steps", "monitor", "mode")
+
+
+def resolve_settings(task: Task, settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings with every default made explicit, so that two ways of asking for one run compare equal.
+
+    alpha None becomes the rank (for variants scaled by alpha / r), the variant's options get their
+    defaults, targets None the task's default targets, mode None the monitor's (``wb.selection``).
+
+    Raises:
+        ValueError: an unknown variant or option, an invalid option value, or a bad seed.
+    """
+    variant = get_variant(settings["variant"])
+    alpha = settings["alpha"]
+    if alpha is None and variant.uses_alpha and isinstance(settings["rank"], int):
+        alpha = float(settings["rank"])
+    targets = settings["targets"]
+    if targets is None and task.default_targets is not None:
+        targets = list(task.default_targets)
+    check_seed(settings["seed"])
+    return {**settings, "alpha": alpha, "targets": targets, "options": variant.resolve_options(settings["options"]),
+            "mode": resolve_mode(settings["monitor"], settings.get("mode"))}
 
 
 def _build_model(task: Task, settings: dict[str, Any]) -> nn.Module:
@@ -74,7 +111,8 @@ class Run:
         out: the run directory.
         lr, optimizer: see ``wb.make_optimizer``.
         steps, eval_every, save_every, seed, callbacks, progress_bar: see ``wb.Trainer``.
-        keep_last, keep_best, monitor, mode: see ``wb.CheckpointManager``.
+        keep_last, keep_best, monitor, mode: see ``wb.CheckpointManager``; the mode is inferred from the
+            monitor's name when not given (``"max"`` for ``val_acc``).
         process_group, device: data-parallel training (see ``wb.Trainer``): every process of the
             group makes the same ``Run`` and calls ``fit``; only rank 0 writes the directory.
     """
@@ -97,7 +135,7 @@ class Run:
         keep_last: int | None = None,
         keep_best: int | None = None,
         monitor: str = "val_loss",
-        mode: str = "min",
+        mode: str | None = None,
         resume: bool = False,
         callbacks: Sequence[Callback] = (),
         progress_bar: bool = True,
@@ -107,13 +145,15 @@ class Run:
     ) -> None:
         self.task = get_task(task) if isinstance(task, str) else task
         self.path = Path(out)
-        self.settings = {
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"{self.path} is a file; a run needs a directory (a new one, or a run's to resume)")
+        self.settings = resolve_settings(self.task, {
             "task": self.task.name, "variant": variant, "rank": rank, "alpha": alpha,
-            "targets": [targets] if isinstance(targets, str) else (list(targets) if targets is not None else None),
+            "targets": target_patterns(targets),
             "options": options, "lr": lr, "optimizer": optimizer, "steps": steps, "eval_every": eval_every,
             "save_every": save_every, "seed": seed, "batch_size": self.task.batch_size,
             "keep_last": keep_last, "keep_best": keep_best, "monitor": monitor, "mode": mode,
-        }
+        })
         self.record: dict[str, Any] = {}
         self.resume = resume
         if (self.path / CONFIG_FILE).exists():
@@ -121,18 +161,25 @@ class Run:
             if not resume:
                 raise ValueError(f"{self.path} holds a run already; resume it (resume=True, --resume) or choose "
                                  "another directory")
-            changed = [f"{k}: {self.record['settings'].get(k)!r} there, {v!r} here"
-                       for k, v in self.settings.items() if self.record["settings"].get(k) != v]
+            there = resolve_settings(self.task, self.record["settings"])
+            changed = [f"{k}: {there.get(k)!r} there, {v!r} here"
+                       for k, v in self.settings.items() if there.get(k) != v]
             if changed:
                 raise ValueError(f"{self.path} holds a different run; it differs in " + "; ".join(changed))
-        self.model = _build_model(self.task, self.settings)
-        self.checkpoints = CheckpointManager(self.path / CHECKPOINTS_DIR, keep_last, keep_best, monitor, mode,
-                                             run_config=self.settings)
-        self.trainer = Trainer(self.model, self.task, lr=lr, optimizer=optimizer, steps=steps, eval_every=eval_every,
-                               save_every=save_every, checkpoints=self.checkpoints,
-                               metrics_log=self.path / METRICS_FILE, seed=seed, callbacks=callbacks,
-                               progress_bar=progress_bar, monitor=monitor, process_group=process_group,
-                               device=device)
+        made = [p for p in (self.path / CHECKPOINTS_DIR, self.path, *self.path.parents) if not p.exists()]
+        try:
+            self.model = _build_model(self.task, self.settings)
+            self.checkpoints = CheckpointManager(self.path / CHECKPOINTS_DIR, keep_last, keep_best,
+                                                 self.settings["monitor"], self.settings["mode"],
+                                                 run_config=self.settings)
+            self.trainer = Trainer(self.model, self.task, lr=lr, optimizer=optimizer, steps=steps,
+                                   eval_every=eval_every, save_every=save_every, checkpoints=self.checkpoints,
+                                   metrics_log=self.path / METRICS_FILE, seed=seed, callbacks=callbacks,
+                                   progress_bar=progress_bar, monitor=monitor, process_group=process_group,
+                                   device=device)
+        except BaseException:
+            _remove_empty(made)  # a rejected run leaves nothing behind
+            raise
 
     @property
     def finished(self) -> bool:
@@ -161,7 +208,7 @@ class Run:
         if group is not None:
             self.record["processes"] = self.trainer.world_size
         if writer:
-            _write_json(self.path / CONFIG_FILE, self.record)
+            write_json(self.path / CONFIG_FILE, self.record)
         start = time.perf_counter()
         try:
             status = self.trainer.fit(resume=self.resume)
@@ -176,7 +223,7 @@ class Run:
             self.record["wall_time"] += time.perf_counter() - start
             self.checkpoints.close()
             if writer:
-                _write_json(self.path / CONFIG_FILE, self.record)
+                write_json(self.path / CONFIG_FILE, self.record)
         return self.record
 
     def _saved_bytes(self) -> int:
@@ -195,6 +242,13 @@ class Run:
         loader = self.task.loaders(self.settings["seed"])["test"]
         return {"checkpoint": best.name, "step": progress["step"],
                 **evaluate(model, loader, self.task.loss, self.task.counts, "test")}
+
+
+def _remove_empty(directories: Sequence[Path]) -> None:
+    """Remove each directory that exists and is empty, deepest first (what a rejected ``Run`` made)."""
+    for directory in sorted(directories, key=lambda p: len(p.parts), reverse=True):
+        if directory.is_dir() and not any(directory.iterdir()):
+            directory.rmdir()
 
 
 def train(task: str | Task, variant: str, rank: int, out: str | os.PathLike[str], **settings: Any) -> Path:
@@ -219,23 +273,42 @@ def _checkpoint_table(run: Path) -> pd.DataFrame:
     return CheckpointManager(directory).list()
 
 
+def _records(directory: str | os.PathLike[str]) -> list[tuple[Path, dict[str, Any]]]:
+    """(run directory, record) of the run ``directory`` is, or of every run in it, in name order.
+
+    In a directory of runs, a run whose config.json cannot be read is left out with a warning,
+    so one damaged run never hides the others; the run asked for by name raises instead.
+
+    Raises:
+        ValueError: no such directory, or ``directory`` is a run whose record is unreadable.
+    """
+    if (Path(directory) / CONFIG_FILE).exists():
+        return [(Path(directory), _read_record(Path(directory)))]
+    records = []
+    for run in _run_directories(directory):
+        try:
+            records.append((run, _read_record(run)))
+        except ValueError as error:
+            warnings.warn(f"skipping run {run.name}: {error}", stacklevel=3)
+    return records
+
+
 def load_runs(directory: str | os.PathLike[str]) -> pd.DataFrame:
     """One row per run under ``directory`` (or for the run ``directory`` is).
 
     Columns: run, task, variant, rank, alpha, lr, seed, trainable, saved_bytes, steps, steps_done,
-    monitor, best_value, best_step, best_checkpoint (by validation), test_loss and test_acc
-    (measured on that checkpoint), wall_time (seconds), status, path. Runs still going show
-    their checkpoints so far.
+    monitor, best_value, best_step, best_checkpoint (by validation, among checkpoints that pass
+    verification), test_loss and test_acc (measured on that checkpoint), wall_time (seconds),
+    status, path. Runs still going show their checkpoints so far; a run whose config.json is
+    unreadable is left out with a warning.
     """
     rows = []
-    for run in _run_directories(directory):
-        record = _read_record(run)
+    for run, record in _records(directory):
         settings = record["settings"]
         table = _checkpoint_table(run)
-        monitor, mode = settings["monitor"], settings["mode"]
-        best = None
-        if monitor in table and table[monitor].notna().any():
-            best = table.loc[table[monitor].idxmin() if mode == "min" else table[monitor].idxmax()]
+        monitor, mode = settings["monitor"], resolve_mode(settings["monitor"], settings.get("mode"))
+        index = best_index(table[monitor], mode) if monitor in table else None
+        best = None if index is None else table.loc[index]
         test = record.get("test", {})
         rows.append({
             "run": run.name, "task": settings["task"], "variant": settings["variant"], "rank": settings["rank"],
@@ -252,26 +325,11 @@ def load_runs(directory: str | os.PathLike[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _read_log(path: Path) -> list[dict[str, Any]]:
-    """The entries of a metrics log; a last line cut short by a crash is left out."""
-    if not path.exists():
-        return []
-    lines = path.read_text().splitlines()
-    entries = []
-    for number, line in enumerate(lines, 1):
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number < len(lines):
-                raise ValueError(f"{path}: line {number} is not JSON") from None
-    return entries
-
-
 def load_metrics(run_or_directory: str | os.PathLike[str]) -> pd.DataFrame:
-    """Every logged metric in long format: run, step, split, metric, value."""
+    """Every logged metric in long format: run, step, split, metric, value (see ``workbench.metrics_log``)."""
     frames = []
-    for run in _run_directories(run_or_directory):
-        entries = _read_log(run / METRICS_FILE)
+    for run, _ in _records(run_or_directory):
+        entries = metrics_log.read(run / METRICS_FILE)
         if entries:
             frame = pd.DataFrame(entries)
             frame.insert(0, "run", run.name)
@@ -281,23 +339,27 @@ def load_metrics(run_or_directory: str | os.PathLike[str]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def best_checkpoint(run_or_directory: str | os.PathLike[str], metric: str = "val_loss", mode: str = "min") -> Path:
+def best_checkpoint(run_or_directory: str | os.PathLike[str], metric: str = "val_loss",
+                    mode: str | None = None) -> Path:
     """The path of the best checkpoint by a validation ``metric``, over one run or every run in a directory.
+
+    ``mode`` ("min" or "max") defaults to the metric's (``wb.selection.metric_mode``: "max" for
+    val_acc). Only checkpoints that pass verification are candidates.
 
     Raises:
         ValueError: ``metric`` is not a validation metric, a bad mode, or no checkpoint has the metric.
     """
-    if not metric.startswith("val_"):
+    if not isinstance(metric, str) or not metric.startswith("val_"):
         raise ValueError(f"metric must be a validation metric (val_loss, val_acc), not {metric!r}: "
                          "choosing on training or test data would bias the result")
-    if mode not in ("min", "max"):
-        raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
-    tables = [_checkpoint_table(run) for run in _run_directories(run_or_directory)]
-    table = pd.concat([t for t in tables if metric in t], ignore_index=True) if tables else pd.DataFrame()
-    if metric not in table or table[metric].isna().all():
+    mode = resolve_mode(metric, mode)
+    tables = [_checkpoint_table(run) for run, _ in _records(run_or_directory)]
+    tables = [t for t in tables if metric in t]
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+    index = best_index(table[metric], mode) if metric in table else None
+    if index is None:
         raise ValueError(f"no checkpoint under {run_or_directory} records {metric}")
-    row = table[metric].idxmin() if mode == "min" else table[metric].idxmax()
-    return Path(table.loc[row, "path"])
+    return Path(table.loc[index, "path"])
 
 
 def _run_of(checkpoint: Path) -> Path:
@@ -430,6 +492,8 @@ def reduce_checkpoint(
             rank / energy (see ``wb.reduce_rank``); nothing is written then.
     """
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; the reduced checkpoint is kept as a run directory: give a new directory")
     if (out / CONFIG_FILE).exists():
         raise ValueError(f"{out} holds a run already; choose another directory for the reduced checkpoint")
     source = _read_record(_run_of(Path(checkpoint)))
@@ -443,7 +507,7 @@ def reduce_checkpoint(
     with CheckpointManager(out / CHECKPOINTS_DIR, monitor=settings["monitor"], mode=settings["mode"],
                            run_config=settings) as manager:
         path = manager.save(progress["step"], model, metrics=metrics, stage=REDUCED_STAGE)
-    _write_json(out / CONFIG_FILE, {
+    write_json(out / CONFIG_FILE, {
         "settings": settings, "status": REDUCED_STAGE, "reduced_from": str(Path(checkpoint).resolve()),
         "reduction": {"rank": rank, "energy": energy, "layers": table.to_dict("records")},
         "trainable": trainable_parameters(model), "steps_done": progress["step"], "wall_time": 0.0,

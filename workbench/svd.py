@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .adapt import adapter_config, replace_config
-from .adapters import AdapterLayer, LoRALinear, adapter_layers
+from .adapters import AdapterLayer, LoRALinear, adapter_layers, svd_factors
 
 ModelOrCheckpoint = nn.Module | str | os.PathLike[str]
 SPECTRUM_COLUMNS = ("layer", "index", "value", "energy")
@@ -188,10 +188,12 @@ def _target_ranks(layers: Mapping[str, LoRALinear], rank: int | Mapping[str, int
 
 
 def _truncate(layer: LoRALinear, rank: int | None, energy: float | None) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(A', B', kept energy) of the best rank-r' approximation of the layer's update."""
-    with torch.no_grad():
-        u, values, vh = torch.linalg.svd(layer.delta_weight().float(), full_matrices=False)
-    values = values[: min(layer.rank, len(values))]
+    """(A', B', kept energy) of the best rank-r' approximation of the layer's update.
+
+    r' is ``rank``, or the smallest rank keeping ``energy`` of the update's spectrum (as
+    ``spectrum`` reports it); the factors are ``svd_factors`` of s B A at the layer's scale s.
+    """
+    values = _top_singular_values(layer)
     cumulative = _cumulative_energy(values)
     if np.isnan(cumulative).all():  # delta W = 0: any factors with B' A' = 0 are optimal
         new_rank = rank if rank is not None else 1
@@ -200,9 +202,7 @@ def _truncate(layer: LoRALinear, rank: int | None, energy: float | None) -> tupl
             a, b = torch.zeros_like(a), torch.zeros_like(b)
         return a.clone(), b.clone(), 1.0  # keeping B = 0 and A's draw lets training go on
     new_rank = rank if rank is not None else _smallest_rank(cumulative, energy)
-    root = torch.sqrt(values[:new_rank] / layer.scaling)
-    b = u[:, :new_rank] * root  # (out, r')
-    a = root[:, None] * vh[:new_rank]  # (r', in)
+    a, b = svd_factors(layer.delta_weight().detach(), new_rank, layer.scaling, layer.lora_A.dtype)
     return a, b, float(cumulative[new_rank - 1])
 
 

@@ -22,6 +22,15 @@ def trial_name(variant: str, rank: int, lr: float, seed: int, init: str = "defau
     return f"{variant}-r{rank}-lr{lr:g}-s{seed}" + ("" if init == "default" else f"-{init}")
 
 
+def _choices(name: str, values: Sequence[Any]) -> list[Any]:
+    """``values`` as a non-empty list; a string or a single number is refused, not iterated."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"{name} must be a list, e.g. {name}=[{values!r}], not {values!r}")
+    if not values:
+        raise ValueError(f"{name} is empty: give at least one")
+    return list(values)
+
+
 def sweep(
     task: str | Task,
     variants: Sequence[str] = VARIANTS,
@@ -66,10 +75,16 @@ def sweep(
             callbacks, ...). On Ray, callbacks are copied to the workers and run there.
 
     Raises:
-        ValueError: an unknown variant, search or executor, ``trials`` missing for a random
-            search, or Ray's options with ``executor="local"``.
+        ValueError: an unknown variant, search or executor, an empty list of variants, ranks, lrs
+            or seeds, ``trials`` missing for a random search, ``out`` a file, or Ray's options with
+            ``executor="local"``; any setting a ``wb.Run`` refuses (checked on the first trial
+            before it trains).
+        TypeError: variants, ranks, lrs or seeds given as one value (``"lora"``) instead of a list.
         workbench.executors.MissingExtraError: ``executor="ray"`` without Ray installed (an ImportError).
     """
+    variants, ranks = _choices("variants", variants), _choices("ranks", ranks)
+    lrs = _choices("lrs", lrs) if lrs is not None else None
+    seeds = _choices("seeds", seeds) if seeds is not None else None
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant {unknown[0]!r}; valid variants: {', '.join(VARIANTS)}")
@@ -90,6 +105,8 @@ def sweep(
             raise ValueError(f"a random search needs trials, an integer >= 1, not {trials!r}")
         grid = random.Random(0).sample(grid, min(trials, len(grid)))
     root = Path(out).absolute()  # a Ray worker's working directory is not ours
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"{out} is a file; a sweep writes a directory of runs: give a directory")
     runs = [Trial(root / trial_name(*trial, init=settings.get("init", "default")), *trial) for trial in grid]
     if executor == "ray":
         run_on_ray(task, runs, steps, settings, address, cpus_per_trial)

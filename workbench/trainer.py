@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -19,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from . import metrics_log
 from .adapt import adapter_config
 from .checkpoints import CheckpointManager
 from .checkpoints.snapshot import capture_rng, restore_rng
@@ -26,6 +25,7 @@ from .optim import make_optimizer
 from .tasks.base import Task, classification_counts, classification_loss
 
 RECENT_LOSSES = 50
+MAX_SEED = 2**63 - 1  # torch's generators take seeds that fit 64 bits; seed + rank must too
 FINAL_STAGE = "finetuned"  # the stage label of the checkpoint a finished fit ends with; never pruned
 SVD_INIT_STAGE = "svd-init"  # the step-0 checkpoint of a run whose adapters start from the SVD of W
 
@@ -77,7 +77,8 @@ class Trainer:
       resumes only under the number of processes that wrote it.
 
     Args:
-        model: a model with adapters (``wb.add_adapters``) or any model with trainable parameters.
+        model: a model with adapters (``wb.add_adapters``), or any model with trainable parameters
+            (all of them are trained: fine-tuning a whole model, or a head on a frozen base).
         task: a ``wb.tasks.Task``, or a mapping ``{"train": loader, "val": loader, ...}`` of
             ``torchdata`` ``StatefulDataLoader`` s (plain DataLoaders train, but cannot resume
             mid-epoch exactly) whose batches are ``(inputs, targets)``; under a process group,
@@ -89,18 +90,19 @@ class Trainer:
         eval_every, save_every: validate / checkpoint every so many steps (and at the end).
         checkpoints: a ``CheckpointManager`` or a directory for one; None keeps no checkpoints.
         metrics_log: a JSON-lines file that every evaluation and training loss is appended to.
-        seed: seeds the data order and the global RNG at the start of ``fit``.
+        seed: seeds the data order and the global RNG at the start of ``fit``; an integer in [0, 2**63 - 1].
         callbacks: ``Callback`` objects.
         progress_bar: show a ``tqdm.auto`` bar (a widget in a notebook, text in a terminal).
         device: where to train; default the model's device (under a process group the model
             is moved there before it is wrapped, e.g. ``cuda:<local rank>``).
         process_group: for data-parallel training (above), the ``torch.distributed`` group;
             the loss must be a mean over the targets ``counts`` counts. None: one process.
-        monitor: the validation metric shown in the progress bar.
+        monitor: the validation metric shown in the progress bar and ranking checkpoints; the first
+            evaluation raises ``ValueError`` if it does not record it, naming the metrics it does.
 
     Raises:
-        ValueError: a bad number of steps or interval, loaders without "train" / "val", or a
-            task batch size the number of processes does not divide.
+        ValueError: a bad number of steps or interval, a bad seed, loaders without "train" / "val",
+            or a task batch size the number of processes does not divide.
     """
 
     def __init__(
@@ -128,6 +130,7 @@ class Trainer:
         for name, value in (("steps", steps), ("eval_every", eval_every), ("save_every", save_every)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, not {value!r}")
+        check_seed(seed)
         wrapped = model if isinstance(model, DistributedDataParallel) else None
         if wrapped is not None:
             model, process_group = wrapped.module, process_group or wrapped.process_group
@@ -171,7 +174,7 @@ class Trainer:
         self.message = ""
         self._stop = threading.Event()
         self._iterator: Any = None
-        self._log_lines: list[str] = []
+        self._log_entries: list[metrics_log.Entry] = []
 
     # -- control ------------------------------------------------------------------------------
 
@@ -280,10 +283,7 @@ class Trainer:
                 stopping = self._stop.is_set() if self.process_group is None else asked
                 saving = at_end or self.step % self.save_every == 0 or stopping
                 if at_end or saving or self.step % self.eval_every == 0:
-                    self.last_metrics = self.evaluate("val")
-                    self._log(self.step, "val", self.last_metrics)
-                    for callback in self.callbacks:
-                        callback.on_evaluate(self, self.last_metrics)
+                    self._validate(self.step)
                 if saving:
                     self._save(FINAL_STAGE if at_end else None)
                 bar.update(1)
@@ -347,12 +347,20 @@ class Trainer:
             raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(self.loaders)}")
         return evaluate(self.model, self.loaders[split], self.loss, self.counts, split, self.device, self.process_group)
 
+    def _validate(self, step: int) -> None:
+        """Evaluate on "val", log it and tell the callbacks; the monitor must be among the metrics."""
+        metrics = self.evaluate("val")
+        if self.monitor not in metrics:
+            raise ValueError(f"monitor {self.monitor!r} is not recorded: an evaluation records "
+                             f"{', '.join(metrics)}; monitor one of them")
+        self.last_metrics = metrics
+        self._log(step, "val", metrics)
+        for callback in self.callbacks:
+            callback.on_evaluate(self, metrics)
+
     def _checkpoint_initial_state(self) -> None:
         """Validate the SVD-initialised model before any step and keep it as the "svd-init" checkpoint."""
-        self.last_metrics = self.evaluate("val")
-        self._log(0, "val", self.last_metrics)
-        for callback in self.callbacks:
-            callback.on_evaluate(self, self.last_metrics)
+        self._validate(0)
         self._save(SVD_INIT_STAGE)
 
     def _save(self, stage: str | None = None) -> None:
@@ -380,29 +388,19 @@ class Trainer:
     # -- the metrics log ----------------------------------------------------------------------
 
     def _log(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
-        if self.metrics_log is None:
-            return
-        now = round(time.time(), 3)
-        for name, value in metrics.items():
-            metric = name.removeprefix(f"{split}_")
-            self._log_lines.append(json.dumps({"step": step, "split": split, "metric": metric, "value": value,
-                                               "time": now}))
+        if self.metrics_log is not None:
+            self._log_entries += metrics_log.entries(step, split, metrics)
 
     def _flush_log(self) -> None:
-        if self.metrics_log is None or not self._log_lines:
-            return
-        with open(self.metrics_log, "a") as file:
-            file.write("\n".join(self._log_lines) + "\n")
-        self._log_lines.clear()
+        """Append the buffered entries (before every checkpoint, so the log covers what it holds)."""
+        if self.metrics_log is not None:
+            metrics_log.append(self.metrics_log, self._log_entries)
+            self._log_entries.clear()
 
     def _truncate_log(self, step: int) -> None:
-        """Drop log lines past ``step``: a resumed run writes them again, identically."""
-        if self.metrics_log is None or not self.metrics_log.exists():
-            return
-        kept = [line for line in self.metrics_log.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        tmp = self.metrics_log.with_suffix(".tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept))
-        os.replace(tmp, self.metrics_log)
+        """Drop log entries past ``step``: a resumed run writes them again, identically."""
+        if self.metrics_log is not None:
+            metrics_log.truncate(self.metrics_log, step)
 
 
 @torch.no_grad()
@@ -441,6 +439,17 @@ def evaluate(
     model.train(was_training)
     loss_sum, correct, counted = totals.tolist()
     return {f"{split}_loss": loss_sum / max(counted, 1), f"{split}_acc": correct / max(counted, 1)}
+
+
+def check_seed(seed: object) -> int:
+    """``seed`` if it is an integer in [0, 2**63 - 1], which torch's generators take whatever is added to it.
+
+    Raises:
+        ValueError: another value, naming the valid range.
+    """
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, not {seed!r}")
+    return seed
 
 
 def collective_device(process_group: dist.ProcessGroup, device: torch.device | str | None) -> torch.device:

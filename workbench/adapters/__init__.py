@@ -3,7 +3,7 @@
 # Importing a variant's file registers it; this order is the order of VARIANTS.
 from . import lora, lora_fa, vera, delta_lora, lora_plus  # noqa: F401, I001
 from .layer import AdapterLayer, adapter_layers, is_supported, linear_shape
-from .lora import LoRALinear
+from .lora import LoRALinear, svd_factors
 from .lora_fa import LoRAFALinear
 from .variant import Variant, get_variant, registered
 from .vera import VeRALinear, vera_projections
@@ -21,5 +21,6 @@ __all__ = [
     "get_variant",
     "is_supported",
     "linear_shape",
+    "svd_factors",
     "vera_projections",
 ]

@@ -9,7 +9,7 @@ import torch
 
 from .layer import AdapterLayer
 from .lora import LoRA
-from .variant import Option, count_option, flag_option, init_option, register
+from .variant import count_option, flag_option, init_option, number_option, register
 
 
 @register
@@ -36,7 +36,7 @@ class DeltaLoRA(LoRA):
     moves_base_weights = True
     options = {
         "rslora": flag_option(),
-        "delta_lambda": Option(0.5, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+        "delta_lambda": number_option(0.5),
         "delta_start": count_option(0),
         "init": init_option(),
     }

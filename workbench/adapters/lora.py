@@ -29,18 +29,29 @@ def lora_scaling(alpha: float, rank: int, rslora: bool) -> float:
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
-def pissa_factors(weight: torch.Tensor, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """PiSSA's A0 (r, in) and B0 (out, r) for W (out, in) = U S V^T (Meng et al., 2024).
+def svd_factors(
+    matrix: torch.Tensor, rank: int, scaling: float, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (r, in) and B (out, r) with s B A the best rank-r approximation of ``matrix`` (out, in).
 
-    With the top r triplets: B0 = U_r sqrt(S_r / s), A0 = sqrt(S_r / s) V_r^T, so
-    s B0 A0 = U_r S_r V_r^T, the best rank-r approximation of W; as peft's ``pissa_init``,
-    the SVD runs in float32 and the factors come back in W's dtype.
+    With M = U S V^T (singular values descending) and its top r triplets::
+
+        B = U_r sqrt(S_r / s)      (out, r)
+        A = sqrt(S_r / s) V_r^T    (r, in)
+
+    so s B A = U_r S_r V_r^T, optimal in Frobenius norm (Eckart-Young), with the scale split
+    evenly between the factors: A A^T = B^T B = S_r / s. PiSSA's A0, B0 (M = W) and rank
+    reduction's A', B' (M = s B A) are both these. As peft's ``pissa_init``, the SVD runs in
+    float32; A and B come back in ``dtype`` (default: M's) and contiguous. ``torch.linalg.svd``
+    returns column-major factors, and a layer holding those would run another matmul kernel than
+    the same values loaded from a checkpoint, with outputs that differ in the last bits.
     """
-    u, singular, vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
+    dtype = matrix.dtype if dtype is None else dtype
+    u, singular, vh = torch.linalg.svd(matrix.detach().float(), full_matrices=False)
     root = torch.sqrt(singular[:rank] / scaling)
-    b = u[:, :rank] * root  # (out, r)
+    b = u[:, :rank] * root  # (out, r), column-major as U
     a = root[:, None] * vh[:rank]  # (r, in)
-    return a.to(weight.dtype), b.to(weight.dtype)
+    return a.to(dtype).contiguous(), b.to(dtype).contiguous()
 
 
 class LoRALinear(AdapterLayer):
@@ -50,7 +61,7 @@ class LoRALinear(AdapterLayer):
     delta W = s B A is 0 at initialisation and has rank at most r.
 
     With ``init="pissa"`` (PiSSA, Meng et al., 2024, https://arxiv.org/abs/2404.02948) A and B
-    start as the principal part of W instead (``pissa_factors``: s B0 A0 = U_r S_r V_r^T) and
+    start as the principal part of W instead (``svd_factors`` of W: s B0 A0 = U_r S_r V_r^T) and
     the frozen weight becomes the residual W_res = W - s B0 A0, so the outputs are unchanged
     (within float rounding). A0 and B0 are kept as non-persistent buffers ``lora_A0``,
     ``lora_B0``: they are recomputed from W whenever the layer is built, so checkpoints need
@@ -82,7 +93,7 @@ class LoRALinear(AdapterLayer):
         self.scaling = lora_scaling(alpha, rank, rslora)
         self.init = init
         if init == "pissa":
-            a, b = pissa_factors(self.base_weight(), rank, self.scaling)
+            a, b = svd_factors(self.base_weight(), rank, self.scaling)
             with torch.no_grad():
                 self.base_weight().sub_((b @ a) * self.scaling)  # W_res = W - s B0 A0
             self.register_buffer("lora_A0", a.clone(), persistent=False)
@@ -116,7 +127,9 @@ class LoRALinear(AdapterLayer):
         """Replace A, B by ``a`` (r', in) and ``b`` (out, r'); the rank becomes r', the scale s stays.
 
         The new parameters keep the old ones' dtype, device and ``requires_grad`` (LoRA-FA's A stays
-        frozen). They are new tensors: an optimizer built before must be rebuilt.
+        frozen), and are stored contiguous whatever the layout of ``a`` and ``b``, as a checkpoint
+        loads them (so the same matmul kernels run). They are new tensors: an optimizer built
+        before must be rebuilt.
         """
         rank = a.shape[0]
         if a.shape != (rank, self.in_features) or b.shape != (self.out_features, rank):
@@ -125,8 +138,8 @@ class LoRALinear(AdapterLayer):
                 f"{self.in_features}) layer: need (r, {self.in_features}) and ({self.out_features}, r)"
             )
         old_a, old_b = self.lora_A, self.lora_B
-        self.lora_A = nn.Parameter(a.to(old_a), requires_grad=old_a.requires_grad)
-        self.lora_B = nn.Parameter(b.to(old_b), requires_grad=old_b.requires_grad)
+        self.lora_A = nn.Parameter(a.to(old_a).contiguous(), requires_grad=old_a.requires_grad)
+        self.lora_B = nn.Parameter(b.to(old_b).contiguous(), requires_grad=old_b.requires_grad)
         self.rank = rank
 
 

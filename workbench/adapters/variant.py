@@ -6,6 +6,7 @@ options, building its layers and, where it has one, its optimisation rule.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,11 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def is_finite_number(value: Any) -> bool:
+    """Whether ``value`` is an int or float (not a bool) other than NaN, inf and -inf."""
+    return _is_number(value) and math.isfinite(value)
+
+
 def dropout_option() -> Option:
     return Option(0.0, lambda p: _is_number(p) and 0 <= p < 1, "a float in [0, 1)")
 
@@ -44,8 +50,13 @@ def flag_option(default: bool = False) -> Option:
     return Option(default, lambda v: isinstance(v, bool), "True or False")
 
 
+def number_option(default: float) -> Option:
+    """Any finite number: NaN or an infinity would make every output NaN or infinite."""
+    return Option(default, is_finite_number, "a finite number")
+
+
 def positive_option(default: float) -> Option:
-    return Option(default, lambda v: _is_number(v) and v > 0, "a number > 0")
+    return Option(default, lambda v: is_finite_number(v) and v > 0, "a finite number > 0")
 
 
 INITS: tuple[str, ...] = ("default", "pissa")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layer import AdapterLayer, linear_shape
-from .variant import Option, Variant, count_option, dropout_option, register
+from .variant import Variant, count_option, dropout_option, number_option, register
 
 
 def vera_projections(rank: int, max_in: int, max_out: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,7 +87,7 @@ class VeRA(Variant):
 
     name = "vera"
     options = {
-        "d_initial": Option(0.1, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+        "d_initial": number_option(0.1),
         "dropout": dropout_option(),
         "projection_seed": count_option(0),
     }

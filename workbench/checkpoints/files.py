@@ -1,13 +1,22 @@
-"""Durable file operations: write a directory atomically, fsync'd, and hash what is on disk."""
+"""Durable file operations, the project's one atomic writer: files and directories written whole, fsync'd.
+
+Every file the workbench writes (checkpoints, run records, metrics logs, exported adapters,
+cached bases) goes through ``write_file`` or ``write_directory``: after a crash at any instant
+the target is either as it was or complete. New files get the permissions the umask allows
+(0666 & ~umask), as ``open`` would give them, whatever the library that wrote them chose.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".deleted-"
@@ -28,6 +37,82 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask (read without changing it where /proc tells it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it, then put it back
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path) -> None:
+    """Give a freshly written file the mode ``open`` would have: 0666 & ~umask (safetensors, mkstemp: 0600)."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
+def write_file(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+    """Create or replace the file ``path`` atomically: ``write(tmp)`` fills a hidden sibling, then one rename.
+
+    The temporary file is fsync'd and given the umask's permissions before the rename, and the
+    parent directory after it, so ``path`` holds the old content or the new one, never a mix.
+
+    Raises:
+        OSError: writing failed (full disk, no permission); ``path`` is untouched.
+    """
+    path = Path(path)
+    tmp = path.parent / f"{TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        write(tmp)
+        _publish_mode(tmp)
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+    return path
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """``write_file`` with ``text`` as the content."""
+    return write_file(path, lambda tmp: tmp.write_text(text))
+
+
+def to_json(data: Any, indent: int | None = 1) -> str:
+    """Strict JSON (no NaN or Infinity, which JSON does not have), one value per file.
+
+    Raises:
+        ValueError: ``data`` holds a non-finite float, naming it.
+    """
+    try:
+        return json.dumps(data, indent=indent, allow_nan=False)
+    except ValueError:
+        where = _non_finite(data) or "a value"
+        raise ValueError(f"cannot write {where} as JSON: NaN and Infinity are not JSON numbers") from None
+
+
+def _non_finite(data: Any, path: str = "") -> str | None:
+    """Where in ``data`` the first non-finite float is, e.g. ``"settings.lr = nan"``."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return f"{path or 'the value'} = {data}"
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, (list, tuple)) else ()
+    for key, value in items:
+        found = _non_finite(value, f"{path}.{key}" if path else str(key))
+        if found:
+            return found
+    return None
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> Path:
+    """``write_text`` of ``data`` as strict, indented JSON with a final newline."""
+    return write_text(path, to_json(data) + "\n")
+
+
 def write_directory(final: Path, fill: Callable[[Path], None]) -> None:
     """Create directory ``final`` atomically: ``fill`` writes the files into a hidden temporary sibling.
 
@@ -46,6 +131,7 @@ def write_directory(final: Path, fill: Callable[[Path], None]) -> None:
     try:
         fill(tmp)
         for file in tmp.iterdir():
+            _publish_mode(file)
             fsync_path(file)
         fsync_path(tmp)
         os.rename(tmp, final)  # atomic on POSIX, and never replaces an existing directory
@@ -63,9 +149,20 @@ def remove_directory(path: Path) -> None:
     shutil.rmtree(trash)
 
 
+def set_aside(path: Path, prefix: str) -> Path:
+    """Rename ``path`` to a hidden sibling ``<prefix><name>-<8 hex>`` at once (kept, not deleted); returns it."""
+    aside = path.parent / f"{prefix}{path.name}-{uuid.uuid4().hex[:8]}"
+    os.rename(path, aside)
+    fsync_path(path.parent)
+    return aside
+
+
 def remove_strays(directory: Path) -> list[Path]:
     """Remove the temporary and half-deleted directories a crash left behind; returns them."""
-    strays = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith((TMP_PREFIX, TRASH_PREFIX))]
+    strays = [p for p in directory.iterdir() if p.name.startswith((TMP_PREFIX, TRASH_PREFIX))]
     for path in strays:
-        shutil.rmtree(path, ignore_errors=True)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
     return strays

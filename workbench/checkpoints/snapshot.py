@@ -8,21 +8,24 @@ A checkpoint is a directory of exactly these files::
                            state (data loader position, epoch, losses, run configuration),
                            adapter configuration, versions, and the SHA-256 of the other files
 
-Nothing is ever unpickled: only safetensors and JSON are read, and a directory holding any
-other file is refused.
+The directory of step N is named ``checkpoint_name(N)`` (``step-00000050``). Nothing is ever
+unpickled: only safetensors and JSON are read, and a directory holding any other file is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 import random
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from types import NoneType, UnionType
+from typing import Any, TypedDict, get_args, get_origin, get_type_hints, is_typeddict
 
 import numpy as np
 import safetensors
@@ -33,17 +36,79 @@ from torch import nn
 from ..adapt import adapter_config
 from ..adapters import adapter_layers, get_variant
 from .codec import decode, encode, tensor_from_json, tensor_to_json
-from .files import sha256
+from .files import sha256, to_json
 
 FORMAT = 1
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 PROGRESS_FILE = "progress.json"
 FILES = (MODEL_FILE, OPTIMIZER_FILE, PROGRESS_FILE)
+_STEP_NAME = re.compile(r"step-([0-9]+)")
 
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be written, read or loaded; the message names the file and why."""
+
+
+class FileRecord(TypedDict):
+    """What progress.json records of each other file of its checkpoint."""
+
+    sha256: str
+    bytes: int
+
+
+class Progress(TypedDict):
+    """progress.json, format 1: the one schema its writer (``capture``, ``Snapshot.write``) and readers share.
+
+    ``verify`` refuses a progress.json that lacks a field or has one of another type (a number
+    is an int or a float, never a bool); fields it does not name are allowed and ignored.
+    """
+
+    format: int
+    step: int
+    stage: str | None
+    created: str
+    metrics: dict[str, float | None]  # a value that is not a finite number is null (strict JSON)
+    lr: list[float] | None
+    adapter: dict[str, Any] | None
+    run: dict[str, Any]
+    model_tensors: str
+    rng: dict[str, Any]
+    extra: dict[str, Any]
+    versions: dict[str, str]
+    files: dict[str, FileRecord]
+    checksum: str
+
+
+def checkpoint_name(step: int) -> str:
+    """The name of the directory of ``step``'s checkpoint: ``step-`` and the step in 8 digits or more."""
+    return f"step-{step:08d}"
+
+
+def step_of(name: str) -> int | None:
+    """The step whose checkpoint a directory named ``name`` is, or None: only ``checkpoint_name(step)`` is one.
+
+    ``step_of("step-00000005") == 5``; ``step-5``, ``step-00000005x`` and ``step-000000005`` are not checkpoints.
+    """
+    match = _STEP_NAME.fullmatch(name)
+    if match is None:
+        return None
+    step = int(match.group(1))
+    return step if name == checkpoint_name(step) else None
+
+
+def refuse_merged(model: nn.Module) -> None:
+    """Check that no adapter of ``model`` is merged, so a checkpoint of it loads as it was saved.
+
+    Raises:
+        ValueError: a merged layer (``wb.merge_adapters``): its base weight holds the update, which
+            a load into an adapted model would add a second time; names the layers and the fix.
+    """
+    merged = [name for name, layer in adapter_layers(model) if layer.merged]
+    if merged:
+        raise ValueError(f"cannot checkpoint a model with merged adapters (layers {', '.join(merged)}): their base "
+                         "weights hold the update, so loading would apply it twice; unmerge first: "
+                         "wb.unmerge_adapters(model)")
 
 
 def changed_tensors(model: nn.Module, full: bool = False) -> dict[str, torch.Tensor]:
@@ -133,7 +198,7 @@ class Snapshot:
         progress = dict(self.progress)
         progress["files"] = _describe([p for p in directory.iterdir()])
         progress["checksum"] = _progress_checksum(progress)
-        (directory / PROGRESS_FILE).write_text(json.dumps(progress, indent=1) + "\n")
+        (directory / PROGRESS_FILE).write_text(to_json(progress) + "\n")
 
 
 def _describe(files: list[Path]) -> dict[str, dict[str, Any]]:
@@ -186,8 +251,12 @@ def capture(
     Args:
         run_config: the run's configuration (task, seed, ...), recorded as it is.
         copy: clone every tensor, so training may go on while the snapshot is written.
+
+    Raises:
+        ValueError: an adapter of ``model`` is merged (``refuse_merged``).
     """
-    metrics = {key: float(value) for key, value in (metrics or {}).items()}
+    refuse_merged(model)
+    metrics = {key: float(value) if math.isfinite(value) else None for key, value in (metrics or {}).items()}
     tensors = changed_tensors(model, full)
     optimizer_state = optimizer.state_dict() if optimizer is not None else None
     if copy:
@@ -221,11 +290,16 @@ def _clone_tensors(value: Any) -> Any:
 
 
 def verify(path: Path) -> dict[str, Any]:
-    """The checkpoint's progress (as stored) after checking every file against its SHA-256.
+    """The checkpoint's progress (as stored) after checking its structure and every file against its SHA-256.
+
+    A valid checkpoint is a directory named ``checkpoint_name(step)`` for the step its progress.json
+    records, holding progress.json (a ``Progress``, checksum intact) and exactly the files it
+    describes, model.safetensors among them, each of the recorded size and SHA-256.
 
     Raises:
         CheckpointError: no such directory, not a checkpoint, a file that should not be there
-            (refused: nothing is loaded), a missing, truncated or corrupted file.
+            (refused: nothing is loaded), a malformed progress.json (a field missing or of the wrong
+            type), a name that is not its step's, a missing, undescribed, truncated or corrupted file.
     """
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint")
@@ -240,26 +314,101 @@ def verify(path: Path) -> dict[str, Any]:
         )
     if PROGRESS_FILE not in present:
         raise CheckpointError(f"{path}: not a checkpoint ({PROGRESS_FILE} is missing)")
-    progress_path = path / PROGRESS_FILE
+    progress = _read_progress(path / PROGRESS_FILE)
+    if step_of(path.name) != progress["step"]:
+        raise CheckpointError(f"{path}: its {PROGRESS_FILE} records step {progress['step']}, so it must be named "
+                              f"{checkpoint_name(progress['step'])}, not {path.name}")
+    _check_files(path, progress["files"], present - {PROGRESS_FILE})
+    return progress
+
+
+def _read_progress(progress_path: Path) -> dict[str, Any]:
+    """progress.json parsed, checked against ``Progress`` and its own checksum."""
     try:
         progress = json.loads(progress_path.read_text())
-        stored = progress["checksum"]
-    except (ValueError, KeyError, TypeError):
+    except ValueError:  # a UnicodeDecodeError too
         raise CheckpointError(f"{progress_path}: unreadable (truncated or corrupted JSON)") from None
-    if stored != _progress_checksum(progress):
+    problem = _schema_problem(progress, Progress)
+    if problem is not None:
+        raise CheckpointError(f"{progress_path}: malformed, {problem}")
+    if progress["checksum"] != _progress_checksum(progress):
         raise CheckpointError(f"{progress_path}: fails its SHA-256 checksum (corrupted)")
-    for name, record in progress["files"].items():
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"{file}: missing")
-        size = file.stat().st_size
+    if progress["format"] != FORMAT:
+        raise CheckpointError(f"{progress_path}: format {progress['format']}; this version reads format {FORMAT}")
+    return progress
+
+
+def _check_files(path: Path, described: dict[str, FileRecord], present: set[str]) -> None:
+    """Check that ``present`` (the files beside progress.json) are exactly the ``described`` ones, intact."""
+    for name in described:
+        if name not in present:
+            raise CheckpointError(f"{path / name}: missing")
+    if set(described) != present or MODEL_FILE not in present:
+        raise CheckpointError(f"{path}: holds {', '.join(sorted(present)) or 'nothing'} beside {PROGRESS_FILE}, "
+                              f"which describes {', '.join(sorted(described)) or 'nothing'}; a checkpoint holds "
+                              f"{MODEL_FILE} and exactly the files its {PROGRESS_FILE} describes")
+    for name, record in described.items():
+        size = (path / name).stat().st_size
         if size != record["bytes"]:
-            raise CheckpointError(f"{file}: {size} bytes, {record['bytes']} expected (truncated or altered)")
-    actual = _describe([path / name for name in progress["files"]])
-    for name, record in progress["files"].items():
+            raise CheckpointError(f"{path / name}: {size} bytes, {record['bytes']} expected (truncated or altered)")
+    actual = _describe([path / name for name in described])
+    for name, record in described.items():
         if actual[name]["sha256"] != record["sha256"]:
             raise CheckpointError(f"{path / name}: fails its SHA-256 checksum (corrupted)")
-    return progress
+
+
+def _schema_problem(data: Any, schema: type) -> str | None:
+    """What keeps JSON ``data`` from being a ``schema`` (a TypedDict, every field required), or None."""
+    if not isinstance(data, dict):
+        return f"a JSON object is expected, not {type(data).__name__} {_short(data)}"
+    for field, hint in get_type_hints(schema).items():
+        if field not in data:
+            return f"field {field!r} is missing"
+        if not _conforms(data[field], hint):
+            return f"field {field!r} must be {_hint_name(hint)}, not {_short(data[field])}"
+    return None
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    """Whether the JSON ``value`` is of the type ``hint``; an int is no bool, a float may be an int."""
+    if hint is Any:
+        return True
+    if isinstance(hint, UnionType):
+        return any(_conforms(value, option) for option in get_args(hint))
+    if is_typeddict(hint):
+        return _schema_problem(value, hint) is None
+    if hint is NoneType:
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint in (int, str):
+        return isinstance(value, hint) and not isinstance(value, bool)
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is list:
+        return isinstance(value, list) and all(_conforms(v, args[0]) for v in value)
+    if origin is dict:
+        key, item = args
+        return isinstance(value, dict) and all(_conforms(k, key) and _conforms(v, item) for k, v in value.items())
+    raise TypeError(f"the schema uses {hint!r}, which _conforms has no rule for")
+
+
+def _hint_name(hint: Any) -> str:
+    """A type as an error message says it: ``str or null``, ``dict[str, FileRecord]``."""
+    if hint is Any:
+        return "any value"
+    if hint is NoneType:
+        return "null"
+    if isinstance(hint, UnionType):
+        return " or ".join(_hint_name(option) for option in get_args(hint))
+    if get_args(hint):
+        return f"{get_origin(hint).__name__}[{', '.join(_hint_name(arg) for arg in get_args(hint))}]"
+    return hint.__name__
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _differences(stored: dict[str, Any] | None, current: dict[str, Any] | None) -> list[str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import uuid
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -22,10 +21,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..checkpoints.files import TMP_PREFIX, fsync_path
+from ..checkpoints.files import write_file
 
 CACHE_ENV = "WORKBENCH_CACHE"
 SEED = 0
+PRETRAIN_THREADS = 1  # pre-training runs on this many threads, so its result does not depend on the caller's
 
 
 class InvalidCacheError(Exception):
@@ -57,10 +57,11 @@ def cached_model(name: str, version: int, build: Callable[[], nn.Module],
     """A pre-trained model: loaded from the cache, or pre-trained and then cached.
 
     ``build`` makes the architecture and ``pretrain`` trains it in place. Both run with torch's
-    global RNG seeded to a fixed value inside ``torch.random.fork_rng``, so the model is the same
-    on every call and the caller's RNG state is left exactly as it was. The cache file is written
-    atomically (a temporary file in the same directory, then ``os.replace``), so concurrent
-    processes and crashes never leave a half-written file behind.
+    global RNG seeded to a fixed value inside ``torch.random.fork_rng`` and on ``PRETRAIN_THREADS``
+    threads (a float32 sum split over another number of threads rounds differently), so the model
+    is the same on every call, whatever the caller's thread count, and the caller's RNG state and
+    thread count are left exactly as they were. The cache file is written atomically
+    (``write_file``), so concurrent processes and crashes never leave a half-written file behind.
 
     Args:
         name: the model's name, part of the file name, e.g. ``"digits-mlp"``.
@@ -87,7 +88,12 @@ def cached_model(name: str, version: int, build: Callable[[], nn.Module],
                 return model
             except InvalidCacheError as error:
                 warnings.warn(f"cache file {path} is invalid ({error}); pre-training {name!r} again", stacklevel=2)
-        pretrain(model)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(PRETRAIN_THREADS)
+        try:
+            pretrain(model)
+        finally:
+            torch.set_num_threads(threads)
     try:
         save_tensors(path, model.state_dict())
     except OSError as error:
@@ -123,15 +129,7 @@ def load_tensors(path: Path, expected: Mapping[str, torch.Tensor]) -> dict[str, 
 
 
 def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Write ``tensors`` and their SHA-256 to ``path`` atomically: a temporary sibling, fsync'd, then ``os.replace``."""
+    """Write ``tensors`` and their SHA-256 to ``path`` atomically (``write_file``: a temporary sibling, renamed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {key: tensor.detach().cpu().contiguous() for key, tensor in tensors.items()}
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
-    try:
-        save_file(tensors, tmp, metadata={"sha256": tensors_sha256(tensors)})
-        fsync_path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_path(path.parent)
+    write_file(path, lambda tmp: save_file(tensors, tmp, metadata={"sha256": tensors_sha256(tensors)}))

@@ -36,8 +36,10 @@ REDUCTION_COLUMNS = ("layer", "old_rank", "new_rank", "kept_energy", "relative_e
 def selection_metric(settings: dict[str, Any]) -> tuple[str, str]:
     """The (metric, mode) that chooses a run's best checkpoint: its monitor if that is a
     validation metric, else the validation loss (never training or test data)."""
-    monitor, mode = settings.get("monitor", "val_loss"), settings.get("mode", "min")
-    return (monitor, mode) if str(monitor).startswith("val_") else ("val_loss", "min")
+    monitor = settings.get("monitor", "val_loss")
+    if not str(monitor).startswith("val_"):
+        return "val_loss", wb.selection.metric_mode("val_loss")
+    return monitor, wb.selection.resolve_mode(monitor, settings.get("mode"))
 
 
 class CheckpointBrowser(Panel):
@@ -164,7 +166,7 @@ class CheckpointBrowser(Panel):
         if len(shared) == 1 and self.run_best:
             metric, mode = shared.pop()
             self.best = wb.best_checkpoint(self.path, metric, mode)
-            self._criterion = f"best by {metric} ({'lowest' if mode == 'min' else 'highest'})"
+            self._criterion = f"best by {metric} ({wb.selection.direction(mode)})"
         else:
             self._criterion = "the runs monitor different metrics: each run's best is marked"
         table = wb.load_checkpoints(self.path)

@@ -163,17 +163,17 @@ class Compare(Panel):
     def run_summary(self, runs: Sequence[str] | None = None) -> pd.DataFrame:
         """Per run (default: the chosen ones): run, variant, rank, trainable, its best checkpoint's
         ``val_<metric>`` and step by the panel's metric, test_loss, test_acc, status; by trainable."""
-        metric, lowest = f"val_{self.metric.value}", wb.plots.metric_mode(self.metric.value) == "min"
+        metric, mode = f"val_{self.metric.value}", wb.selection.metric_mode(self.metric.value)
         runs = list(self.runs.value) if runs is None else list(runs)
         table = self.run_table[self.run_table["run"].isin(runs)]
         bests = []
         for run in table["run"]:
-            scored = self.checkpoints[self.checkpoints["run"] == run]
-            scored = scored[pd.to_numeric(scored[metric], errors="coerce").notna()] if metric in scored else scored[:0]
-            if scored.empty:
+            mine = self.checkpoints[self.checkpoints["run"] == run]
+            best = wb.selection.best_index(mine[metric], mode) if metric in mine else None
+            if best is None:
                 bests.append({"run": run, metric: None, "best step": None})
                 continue
-            row = scored.loc[scored[metric].idxmin() if lowest else scored[metric].idxmax()]
+            row = mine.loc[best]
             bests.append({"run": run, metric: float(row[metric]), "best step": int(row["step"])})
         columns = ["run", "variant", "rank", "trainable", metric, "best step", "test_loss", "test_acc", "status"]
         summary = table.merge(pd.DataFrame(bests, columns=["run", metric, "best step"]), on="run")
@@ -184,7 +184,7 @@ class Compare(Panel):
             return "<i>no run chosen</i>"
         summary = self.run_summary(chosen)
         best_run = None if self.best_row is None else self.best_row["run"]
-        direction = "lowest" if wb.plots.metric_mode(metric) == "min" else "highest"
+        direction = wb.selection.direction(wb.selection.metric_mode(metric))
         caption = (f"<b>Trainable parameters against the best val_{metric}</b> ({direction}, over each run's "
                    "checkpoints; test figures: on the checkpoint the run's monitor chose)")
         return caption + html_table(summary, list(summary.columns),
@@ -204,7 +204,7 @@ class Compare(Panel):
         chosen = list(self.runs.value)
         if not chosen:
             raise ValueError("choose at least one run first (the runs box; the variant and rank filters narrow it)")
-        metric, mode = f"val_{self.metric.value}", wb.plots.metric_mode(self.metric.value)
+        metric, mode = f"val_{self.metric.value}", wb.selection.metric_mode(self.metric.value)
         paths = dict(zip(self.run_table["run"], self.run_table["path"], strict=True))
         candidates = []
         for run in chosen:
@@ -216,11 +216,10 @@ class Compare(Panel):
             candidates.append(table[table["path"] == str(best)].iloc[0])
         if not candidates:
             raise ValueError(f"none of the chosen runs has a checkpoint with {metric} yet; refresh once they do")
-        values = [row[metric] for row in candidates]
-        row = candidates[values.index(min(values) if mode == "min" else max(values))]
+        row = candidates[wb.selection.best_index(enumerate(row[metric] for row in candidates), mode)]
         self.best, self.best_row = Path(row["path"]), row
         self._draw()
         recorded = ", ".join(f"{k} {row[k]:.4g}" for k in row.index if str(k).startswith("val_") and pd.notna(row[k]))
-        show(self.status, f"best of {len(chosen)} run(s) by {metric} ({'lowest' if mode == 'min' else 'highest'}): "
+        show(self.status, f"best of {len(chosen)} run(s) by {metric} ({wb.selection.direction(mode)}): "
                           f"{self.best} (run {row['run']}, step {row['step']}: {recorded})")
         return self.best
