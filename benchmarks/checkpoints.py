@@ -11,6 +11,10 @@ Every comparison is measured side by side in this one run, interleaved, and prin
    bytes of its trainable tensors (goal: at most 1.01 x + 16 KiB).
 3. The wall time of a short lora training loop with no checkpoints, with a checkpoint every 50
    steps written synchronously, and written asynchronously (goal with async: under 5%).
+4. Listing: ``CheckpointManager.list()`` shows only checkpoints that verify. The first listing in
+   a process hashes every file; later ones re-use the verification while no file's size or
+   mtime changed. Both against reading each progress.json alone (what listing did before it
+   verified), for many adapter checkpoints and for a few full-model ones.
 """
 
 from __future__ import annotations
@@ -126,17 +130,59 @@ def training_cost(steps: int, every: int) -> None:
         print(f"   {what}: no checkpoints {base:.2f} s; sync +{sync:.1f}%; async +{async_:.1f}%")
 
 
+def _read_progress_only(directory: Path) -> int:
+    """The old, unverified listing: parse every step directory's progress.json, nothing else."""
+    import json
+
+    return len([json.loads((p / "progress.json").read_text()) for p in sorted(directory.glob("step-*"))])
+
+
+def listing(adapters: int, full: int, repeats: int) -> None:
+    from workbench.checkpoints import manager as manager_module
+
+    print(f"\n4. listing: {adapters} adapter checkpoints (lora r=8, BERT), {full} full-model checkpoints")
+    for what, count, model, is_full in (("adapter", adapters, wb.add_adapters(bert(), "lora", 8,
+                                                                               targets=["query", "value"]), False),
+                                        ("full", full, bert(), True)):
+        with tempfile.TemporaryDirectory() as tmp:
+            with wb.CheckpointManager(tmp) as writer:
+                for step in range(1, count + 1):
+                    writer.save(step, model, full=is_full)
+            size = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
+            times: dict[str, list[float]] = {"progress.json only": [], "first list()": [], "cached list()": []}
+            for _ in range(repeats):
+                start = time.perf_counter()
+                assert _read_progress_only(Path(tmp)) == count
+                times["progress.json only"].append(time.perf_counter() - start)
+                manager_module._verdicts.clear()  # as in a new process: nothing verified yet
+                start = time.perf_counter()
+                assert len(wb.CheckpointManager(tmp).list()) == count
+                times["first list()"].append(time.perf_counter() - start)
+                start = time.perf_counter()
+                assert len(wb.CheckpointManager(tmp).list()) == count
+                times["cached list()"].append(time.perf_counter() - start)
+        median = {k: statistics.median(v) for k, v in times.items()}
+        base = median["progress.json only"]
+        print(f"   {what} ({size / 2**20:.0f} MiB): " + "; ".join(f"{k} {v * 1000:.1f} ms" for k, v in median.items())
+              + f"; first / json-only {median['first list()'] / base:.1f}, cached / json-only "
+              f"{median['cached list()'] / base:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", choices=["save-load", "size", "training", "listing"], help="run one part")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, workbench {wb.__version__}")
-    save_and_load(args.repeats)
-    size()
-    training_cost(args.steps, every=50)
+    parts = {"save-load": lambda: save_and_load(args.repeats), "size": size,
+             "training": lambda: training_cost(args.steps, every=50),
+             "listing": lambda: listing(adapters=100, full=3, repeats=args.repeats)}
+    for name, part in parts.items():
+        if args.only in (None, name):
+            part()
 
 
 if __name__ == "__main__":

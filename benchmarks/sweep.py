@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import workbench as wb
-from workbench.executors import ray_connection
+from workbench.runs.executors import ray_connection
 
 
 def _sweep(out: Path, args: argparse.Namespace, **executor: object) -> float:

@@ -13,6 +13,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import (
     BertConfig,
+    BertForSequenceClassification,
     BertModel,
     GPT2Config,
     GPT2LMHeadModel,
@@ -106,6 +107,49 @@ def test_conv1d_merge_writes_the_transposed_weight():
     torch.testing.assert_close(layer.base_layer.weight.detach(), weight + layer.delta_weight().detach().T)
 
 
+class _ScaledCopyOfW(wb.AdapterLayer):
+    """A test layer whose update depends on W: delta W = c W, with nothing to train.
+
+    Merged, W' = (1 + c) W; subtracting a delta recomputed from W' would leave
+    W' - c W' = (1 - c^2) W, off by c^2 W.
+    """
+
+    def __init__(self, base_layer: nn.Module, c: float) -> None:
+        super().__init__(base_layer, rank=1)
+        self.c = c
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.delta_weight().T
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.c * self.base_weight()
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        return {}
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_unmerge_takes_out_exactly_what_merge_added_for_an_update_that_depends_on_w(kind):
+    torch.manual_seed(0)
+    layer = _ScaledCopyOfW(nn.Linear(12, 8) if kind == "linear" else Conv1D(8, 12), c=0.1)
+    w = layer.base_weight().detach().clone()  # (out, in)
+    x = torch.randn(5, 12)
+    adapted = layer(x)
+    layer.merge()
+    layer.merge()  # merging twice does nothing
+    torch.testing.assert_close(layer.base_weight(), 1.1 * w)
+    torch.testing.assert_close(layer(x), adapted)
+    assert layer.merged and layer.merged_delta.dtype == w.dtype
+    assert not any("merged_delta" in key for key in layer.state_dict())  # never saved
+    recomputed = layer.base_weight() - layer.delta_weight()  # what unmerging by recomputing would give
+    assert (recomputed - w).abs().max() > 0.5 * 0.1**2 * w.abs().max()  # off by c^2 W
+    layer.unmerge()
+    layer.unmerge()  # unmerging twice does nothing
+    # W + D - D in float32: two roundings of values below 1, so within a few 1e-8
+    torch.testing.assert_close(layer.base_weight(), w, rtol=0, atol=1e-7)
+    assert not layer.merged and layer.merged_delta is None
+
+
 def test_remove_with_merge_keeps_what_was_learnt_and_restores_requires_grad():
     model = mlp()
     model[0].bias.requires_grad_(False)  # a choice of the user's, to be given back
@@ -157,7 +201,7 @@ def test_make_optimizer_trains_a_head_the_user_unfroze():
 
 
 BAD_INPUTS = [
-    (dict(variant="dora", rank=4), r"unknown variant 'dora'; valid variants: lora, lora-fa, vera, delta-lora, lora-plus"),
+    (dict(variant="dora", rank=4), rf"unknown variant 'dora'; valid variants: {', '.join(wb.VARIANTS)}$"),
     (dict(variant="lora", rank=0), r"rank must be an integer >= 1, not 0"),
     (dict(variant="lora", rank=-2), r"rank must be an integer >= 1"),
     (dict(variant="lora", rank=2.5), r"rank must be an integer >= 1"),
@@ -406,3 +450,135 @@ def test_a_model_with_peft_adapters_is_refused_and_left_as_it_was(tmp_path):
         wb.import_peft(peft_model, tmp_path)
     plain = peft_model.merge_and_unload()  # what the message advises
     assert [name for name, _ in wb.adapter_layers(wb.add_adapters(plain, "lora", 2))] == ["0", "2", "4"]
+
+
+# -- modules trained in full (train=) ------------------------------------------------------------------
+
+
+def bert_classifier() -> nn.Module:
+    """BERT with a new 3-way head, ``classifier`` (an nn.Linear 32 -> 3), and no dropout."""
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(config).eval()
+
+
+LABELS = torch.tensor([0, 2])
+
+
+def _trainable(model: nn.Module) -> list[str]:
+    return [name for name, param in model.named_parameters() if param.requires_grad]
+
+
+def test_train_modules_train_in_full_next_to_the_adapters_and_removal_restores_requires_grad():
+    model = bert_classifier()
+    model.classifier.bias.requires_grad_(False)  # a flag of the user's own, restored on removal
+    before = {name: param.requires_grad for name, param in model.named_parameters()}
+    wb.add_adapters(model, "lora", 4, targets=["query", "value"], train=["classifier"])
+    config = wb.adapter_config(model)
+    assert config.train == ("classifier",) and len(config.targets) == 4
+    adapters = [f"{name}.{key}" for name, layer in wb.adapter_layers(model) for key in layer.adapter_params()]
+    assert _trainable(model) == [*adapters, "classifier.weight", "classifier.bias"]
+    assert wb.trainable_parameters(model) == 4 * (4 * 32 + 32 * 4) + (3 * 32 + 3)
+    wb.remove_adapters(model)
+    assert {name: param.requires_grad for name, param in model.named_parameters()} == before
+
+
+def test_targets_none_skips_the_layers_of_trained_modules():
+    model = wb.add_adapters(bert_classifier(), "lora", 4, train="classifier")
+    names = [name for name, _ in wb.adapter_layers(model)]
+    assert "classifier" not in names and len(names) == 13  # 6 linear layers per block, the pooler
+    assert isinstance(model.classifier, nn.Linear) and model.classifier.weight.requires_grad
+    assert list(wb.find_targets(bert_classifier(), train="classifier")) == names
+
+
+TRAIN_PATTERNS = [  # train=, the modules it selects
+    ("classifier", ("classifier",)),
+    ("pooler", ("bert.pooler",)),  # a suffix at a dot
+    ([r"bert\.pooler.*", "classifier"], ("bert.pooler", "classifier")),  # pooler.dense is inside bert.pooler
+    (r".*layer\.1\.output", ("bert.encoder.layer.1.output",)),  # not attention.output: the whole name matches
+    ([], ()),
+]
+
+
+@pytest.mark.parametrize(("train", "selected"), TRAIN_PATTERNS, ids=[repr(t) for t, _ in TRAIN_PATTERNS])
+def test_train_patterns_are_resolved_like_targets_outermost_first(train, selected):
+    model = wb.add_adapters(bert_classifier(), "lora", 4, targets=["query", "value"], train=train)
+    assert wb.adapter_config(model).train == selected
+    trained = {name for name, param in model.named_parameters() if param.requires_grad and "lora_" not in name}
+    assert trained == {f"{module}.{name}" for module in selected
+                       for name, _ in model.get_submodule(module).named_parameters()}
+
+
+class GatedLinear(nn.Linear):
+    """A supported layer (an nn.Linear) with a module of its own inside."""
+
+    def __init__(self) -> None:
+        super().__init__(6, 6)
+        self.gate = nn.Linear(6, 1)
+
+
+def gated() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(GatedLinear(), nn.Tanh(), nn.Linear(6, 3))
+
+
+TRAIN_REFUSALS = [  # model, add_adapters arguments, the ValueError's message
+    (bert_classifier, dict(train="clasifier"),
+     r"train pattern 'clasifier' matches no module of the model; module names end in: .*classifier, dense.*"
+     r"\(the top-level modules: bert, dropout, classifier\)"),
+    (bert_classifier, dict(train=["classifier", "dropout"]),
+     r"train pattern 'dropout' selects only modules without parameters \('bert.embeddings.dropout', a Dropout\)"),
+    (bert_classifier, dict(targets=["query", "classifier"], train="classifier"),
+     r"cannot adapt 'classifier': train selects 'classifier' to train in full, and a module is adapted or trained "
+     r"in full, not both\. Leave 'classifier' out of targets .* or 'classifier' out of train"),
+    (bert_classifier, dict(targets="query", train="layer.0.attention"),
+     r"cannot adapt 'bert.encoder.layer.0.attention.self.query': it is inside 'bert.encoder.layer.0.attention', "
+     r"which train selects"),
+    (gated, dict(targets="0", train="0.gate"), r"cannot adapt '0': it contains '0.gate', which train selects"),
+    (gpt2_lm, dict(train="lm_head"),
+     r"cannot train 'lm_head' in full: its parameter lm_head.weight is also transformer.wte.weight .* would train "
+     r"'transformer.wte' too\. Add 'transformer.wte' to train .* or untie it first"),
+    (shared_module, dict(targets="4", train="0"), r"cannot train '0' in full: its parameter 0.weight is also 2.weight"),
+]
+
+
+@pytest.mark.parametrize(("build", "kwargs", "message"), TRAIN_REFUSALS,
+                         ids=["no-match", "no-parameters", "adapted-too", "inside-trained", "contains-trained",
+                              "tied-to-frozen", "registered-twice"])
+def test_train_refusals_name_the_pattern_or_both_modules_and_change_nothing(build, kwargs, message):
+    _refused(build(), ValueError, message, variant="lora", rank=2, **kwargs)
+
+
+def test_train_of_the_wrong_type_is_refused():
+    _refused(mlp(), TypeError, r"train must be None, a non-empty string .*; 4 in \['0', 4\] is not a string",
+             variant="lora", rank=2, targets="2", train=["0", 4])
+
+
+def test_a_tied_pair_trained_together_shares_its_trained_weight():
+    """Naming both ends of GPT-2's tie trains the one shared weight, for the head and the embedding."""
+    model = gpt2_lm()
+    ids = IDS.remainder(100)
+    embedding = model.transformer.wte.weight.detach().clone()
+    wb.add_adapters(model, "lora", 4, targets="c_attn", train=["lm_head", "transformer.wte"])
+    assert wb.adapter_config(model).train == ("transformer.wte", "lm_head")
+    assert model.lm_head.weight is model.transformer.wte.weight and model.lm_head.weight.requires_grad
+    optimizer = wb.make_optimizer(model, lr=0.1)
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    assert not torch.equal(model.transformer.wte.weight, embedding)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    wb.remove_adapters(model)
+    assert all(param.requires_grad for param in model.parameters())
+
+
+def test_make_optimizer_trains_the_train_modules_at_lr():
+    model = wb.add_adapters(bert_classifier(), "lora-plus", 4, targets=["query", "value"], train=["classifier"])
+    head = {name: param.detach().clone() for name, param in model.classifier.named_parameters()}
+    optimizer = wb.make_optimizer(model, lr=1e-2)
+    assert all(p is q for p, q in zip(optimizer.param_groups[-1]["params"], model.classifier.parameters(), strict=True))
+    assert optimizer.param_groups[-1]["lr"] == 1e-2  # LoRA+'s two groups come first
+    model(IDS, labels=LABELS).loss.backward()
+    optimizer.step()
+    for name, param in model.classifier.named_parameters():
+        assert not torch.equal(param, head[name]), name

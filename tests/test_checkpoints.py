@@ -65,6 +65,7 @@ def test_checkpoint_holds_trained_tensors_optimizer_and_progress(tmp_path):
     assert progress["lr"] == [1e-2, 1e-2 * 16] and progress["stage"] == "finetuned"
     assert progress["adapter"]["variant"] == "lora-plus" and progress["adapter"]["targets"] == ["0", "2", "4"]
     assert set(progress["rng"]) >= {"python", "numpy", "torch"} and {"torch", "safetensors"} <= set(progress["versions"])
+    assert progress["versions"]["workbench"] == wb.__version__
     assert set(progress["files"]) == {"model.safetensors", "optimizer.safetensors"}
     assert progress["run"] == {"task": "regression", "seed": 0}
 

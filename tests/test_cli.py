@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import workbench as wb
-from workbench.cli import build_parser, main
+from workbench.cli import _run_settings, build_parser, main
 
 
 @pytest.fixture
@@ -101,7 +101,8 @@ BAD = [
     (["reduce", "{tmp}/nothing", "--rank", "1", "--out", "{tmp}/r"], r"is not a checkpoint of a run directory"),
     (["spectrum", "{tmp}/nothing"], r"is not a checkpoint of a run directory"),
     (["train", "--variant", "vera", "--rank", "2", "--init", "pissa", "--out", "{tmp}/v"], r"unknown option 'init' for variant 'vera'"),
-    (["train", "--variant", "lora", "--rank", "2", "--init", "svd", "--out", "{tmp}/v"], r"expected 'default' or 'pissa'"),
+    (["train", "--variant", "lora", "--rank", "2", "--init", "svd", "--out", "{tmp}/v"],
+     r"argument --init: invalid choice: 'svd' \(choose from '?default'?, '?pissa'?\)"),
     ([], r"the following arguments are required: COMMAND"),
     (["fly"], r"invalid choice: 'fly'"),
     (["train", "--rank", "4", "--out", "x"], r"the following arguments are required: --variant"),
@@ -177,3 +178,84 @@ def test_help_documents_every_option(capsys):
         assert exit_.value.code == 0
         text = capsys.readouterr().out
         assert all(flag in text for a in sub._actions for flag in a.option_strings)
+
+
+def test_variant_options_are_flags_made_from_the_registry():
+    """One flag per option name of every registered variant, typed by its kind, with its help, variants and default."""
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    train = {action.dest: action for action in commands.choices["train"]._actions}
+    owners = {}
+    for variant in wb.VARIANTS:
+        for name, option in wb.variant_options(variant).items():
+            owners.setdefault(name, []).append((variant, option))
+    for name, having in owners.items():
+        action, option = train[name], having[0][1]
+        assert action.option_strings == ["--" + name.replace("_", "-")] and action.default is None
+        assert option.help and option.help.replace("%", "%%") in action.help
+        assert all(variant in action.help for variant, _ in having)
+        assert action.choices == (list(option.choices) if option.choices else None)
+        if option.kind is bool:
+            assert action.nargs == 0 and action.const is True  # a switch: --rslora
+    assert set(train["init"].choices) == {"default", "pissa"}
+
+    def options(*flags):
+        args = parser.parse_args(["train", "--variant", "lora", "--rank", "2", "--out", "x", *flags])
+        return {k: v for k, v in _run_settings(args).items() if k in owners}
+
+    assert options() == {}  # nothing given, nothing passed: the variant's defaults apply
+    assert options("--rslora", "--init", "pissa", "--delta-start", "3", "--lr-ratio", "2") == {
+        "rslora": True, "init": "pissa", "delta_start": 3, "lr_ratio": 2.0}
+
+
+# -- the trainer's flags ----------------------------------------------------------------------------------
+
+TRAINER_FLAGS = ["--schedule", "cosine", "--warmup-steps", "2", "--max-grad-norm", "1", "--accumulate", "2",
+                 "--precision", "bf16", "--eval-batches", "1"]
+TRAINER_SETTINGS = {"schedule": "cosine", "warmup_steps": 2, "max_grad_norm": 1.0, "accumulate": 2,
+                    "precision": "bf16", "eval_batches": 1}
+
+
+def test_the_trainer_flags_reach_the_run_and_its_record(tmp_path, cache, capsys, monkeypatch):
+    parser = build_parser()
+    for command in (["train", "--variant", "lora", "--rank", "2", "--out", "x"], ["sweep", "--out", "x"]):
+        defaults = _run_settings(parser.parse_args(command))
+        assert {k: defaults[k] for k in TRAINER_SETTINGS} == {
+            "schedule": "constant", "warmup_steps": 0, "max_grad_norm": None, "accumulate": 1, "precision": "float32",
+            "eval_batches": None}  # the trainer's own defaults
+        given = _run_settings(parser.parse_args([*command, *TRAINER_FLAGS]))
+        assert {k: given[k] for k in TRAINER_SETTINGS} == TRAINER_SETTINGS
+
+    monkeypatch.setenv("WORKBENCH_CACHE", cache)
+    run = tmp_path / "run"
+    assert main(["train", "--variant", "lora", "--rank", "2", "--steps", "6", "--eval-every", "3", "--save-every", "3",
+                 "--out", str(run), "--quiet", *TRAINER_FLAGS]) == 0
+    capsys.readouterr()
+    settings = json.loads((run / "config.json").read_text())["settings"]
+    assert {k: settings[k] for k in TRAINER_SETTINGS} == TRAINER_SETTINGS
+    logged = {(step, metric) for step, split, metric, _ in _entries(run) if split == "train"}
+    assert logged == {(step, m) for step in range(1, 7) for m in ("loss", "lr", "grad_norm")}
+
+
+TRAINER_BAD = [
+    (["--schedule", "cosin"], r"argument --schedule: invalid choice: 'cosin' \(choose from '?constant'?, '?linear'?, '?cosine'?\)"),
+    (["--precision", "fp16"], r"argument --precision: invalid choice: 'fp16'"),
+    (["--accumulate", "0"], r"argument --accumulate: must be an integer >= 1, not 0"),
+    (["--eval-batches", "0"], r"argument --eval-batches: must be an integer >= 1, not 0"),
+    (["--max-grad-norm", "nan"], r"argument --max-grad-norm: must be a finite number > 0, not nan"),
+    (["--max-grad-norm", "0"], r"argument --max-grad-norm: must be a finite number > 0, not 0"),
+    (["--warmup-steps", "-1"], r"warmup_steps must be an integer >= 0, not -1"),
+    (["--schedule", "linear", "--warmup-steps", "300"],
+     r"warmup_steps \(300\) must be fewer than steps \(300\) for schedule 'linear'"),
+]
+
+
+@pytest.mark.parametrize(("flags", "message"), TRAINER_BAD, ids=[" ".join(f) for f, _ in TRAINER_BAD])
+def test_bad_trainer_flags_give_one_line_and_status_2(flags, message, tmp_path, cache, capsys, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_CACHE", cache)
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--variant", "lora", "--rank", "2", "--out", str(tmp_path / "r"), *flags])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and re.search(message, err), err
+    assert not (tmp_path / "r").exists()

@@ -8,8 +8,18 @@ import json
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, VeraConfig, get_peft_model
+from safetensors.torch import load_file
 from torch import nn
-from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, LlamaConfig, LlamaModel
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPT2Model,
+    LlamaConfig,
+    LlamaModel,
+)
 
 import workbench as wb
 
@@ -133,8 +143,8 @@ def test_export_loads_in_peft_with_the_same_outputs(variant, layout, tmp_path):
     _train_a_little(model, inputs, read)
     model.eval()
     expected = read(model(inputs))
-    if variant == "delta-lora":
-        with pytest.warns(UserWarning, match=r"Delta-LoRA, which also moved the base weights"):
+    if wb.get_variant(variant).moves_base_weights:  # delta-lora
+        with pytest.warns(UserWarning, match=rf"variant '{variant}', which also moved the base weights"):
             wb.export_peft(model, tmp_path)
         assert "moved the base weights" in (tmp_path / "README.md").read_text()
         base = copy.deepcopy(model)
@@ -200,7 +210,22 @@ REFUSALS = [
     (lambda p: _edit_config(p, use_rslora="yes"), r"use_rslora='yes' is not a boolean"),
     (lambda p: (p / "adapter_config.json").write_text('{"peft_type": "LO'), r"adapter_config.json: not readable as JSON"),
     (lambda p: _truncate(p / "adapter_model.safetensors"), r"adapter_model.safetensors: not a readable safetensors file"),
+    (lambda p: _edit_config(p, modules_to_save=["4"]),
+     r"the adapter file lacks 'weight' of module '4', which its modules_to_save names"),
+    (lambda p: _edit_config(p, modules_to_save="4"), r"modules_to_save='4' is not a list of module names"),
+    (lambda p: _with_saved_head(p, weight=torch.zeros(8, 23)),
+     r"weight of '4' \(modules_to_save\) has shape \(8, 23\) but the model's '4' needs \(8, 24\)"),
+    (lambda p: _with_saved_head(p, extra=torch.zeros(1)),
+     r"unexpected tensor 'base_model.model.4.extra' in the adapter file: module '4' \(modules_to_save\) has no "
+     r"tensor 'extra'; it has weight, bias"),
 ]
+
+
+def _with_saved_head(path, **tensors) -> None:
+    """Module '4' (24 -> 8) in modules_to_save, saved as peft saves it, with ``tensors`` replacing or added to its own."""
+    _edit_config(path, modules_to_save=["4"])
+    head = {"weight": torch.zeros(8, 24), "bias": torch.zeros(8), **tensors}
+    _replace_weights(path, lambda t: {**t, **{f"base_model.model.4.{key}": value for key, value in head.items()}})
 
 
 def _truncate(path) -> None:
@@ -210,7 +235,8 @@ def _truncate(path) -> None:
 
 @pytest.mark.parametrize(("damage", "message"), REFUSALS,
                          ids=["no-config", "pickle-only", "other-type", "dora", "bad-shape", "unknown-module",
-                              "no-alpha", "text-rank", "text-flag", "cut-config", "cut-weights"])
+                              "no-alpha", "text-rank", "text-flag", "cut-config", "cut-weights", "saved-module-missing",
+                              "saved-not-a-list", "saved-bad-shape", "saved-stray-tensor"])
 def test_import_refusals_leave_the_model_unchanged(damage, message, tmp_path):
     damage(_peft_lora_dir(tmp_path))
     model = plain()
@@ -241,3 +267,104 @@ def test_exported_files_have_the_permissions_the_umask_gives(tmp_path, umask):
         os.umask(before)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "adapter").iterdir()}
     assert modes == dict.fromkeys(["README.md", "adapter_config.json", "adapter_model.safetensors"], 0o666 & ~umask)
+
+
+# -- modules trained in full: peft's modules_to_save ---------------------------------------------------
+
+
+def bert_classifier() -> nn.Module:
+    """BERT with a new 3-way head ``classifier``, no dropout."""
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_labels=3,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).eval()
+
+
+def gpt2_lm() -> nn.Module:
+    """GPT-2 with its head, whose weight is the embedding's (tie_word_embeddings)."""
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=16, bos_token_id=0,
+                                      eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
+
+
+LABELS = torch.tensor([0, 2])
+SAVED = {  # builder, targets, train, the loss of a batch
+    "bert-classifier": (bert_classifier, ["query", "value"], ["classifier"], lambda m: m(IDS, labels=LABELS).loss),
+    # both ends of the tie trained: one shared weight, which peft saves (and loads) under both names
+    "gpt2-tied-head": (gpt2_lm, ["c_attn"], ["lm_head", "transformer.wte"], lambda m: m(IDS, labels=IDS).loss),
+}
+
+
+@pytest.mark.parametrize("case", SAVED)
+def test_export_with_modules_to_save_loads_in_peft_with_the_same_logits(case, tmp_path):
+    build, targets, train, loss = SAVED[case]
+    model = wb.add_adapters(build(), "lora", 4, targets=targets, train=train)
+    trained = wb.adapter_config(model).train
+    optimizer = wb.make_optimizer(model, lr=0.05)
+    for _ in range(3):
+        loss(model).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    expected = model(IDS).logits
+    wb.export_peft(model, tmp_path)
+
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == list(trained)
+    saved = {key for key in load_file(tmp_path / "adapter_model.safetensors") if "lora_" not in key}
+    assert saved == {f"base_model.model.{name}.{key}" for name in trained for key in model.get_submodule(name).state_dict()}
+    loaded = PeftModel.from_pretrained(build(), tmp_path).eval()
+    for name in trained:  # peft's trained copy holds the exported values
+        wrapper = loaded.base_model.model.get_submodule(name)
+        for key, value in wrapper.modules_to_save["default"].state_dict().items():
+            assert torch.equal(value, model.get_submodule(name).state_dict()[key]), f"{name}.{key}"
+    # the same float32 math, summed in another order by peft's layers: rounding only
+    torch.testing.assert_close(loaded(IDS).logits, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("task_type", [None, "SEQ_CLS"])
+def test_import_of_a_peft_adapter_with_modules_to_save_gives_peft_logits(task_type, tmp_path):
+    """peft's sequence-classification task saves ["classifier", "score"]: 'score' is no module of BERT, skipped as peft does."""
+    modules_to_save = ["classifier"] if task_type is None else None
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=modules_to_save,
+                        task_type=task_type, init_lora_weights=False)
+    peft_model = get_peft_model(bert_classifier(), config).eval()
+    with torch.no_grad():  # a trained head, not the base model's
+        for param in peft_model.base_model.model.classifier.modules_to_save["default"].parameters():
+            param.normal_(generator=torch.Generator().manual_seed(2))
+    peft_model.save_pretrained(tmp_path)
+    assert "classifier" in json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"]
+    expected = peft_model(IDS).logits
+
+    model = wb.import_peft(bert_classifier(), tmp_path)
+    assert wb.adapter_config(model).train == ("classifier",)
+    assert model.classifier.weight.requires_grad and model.classifier.bias.requires_grad
+    torch.testing.assert_close(model(IDS).logits, expected, rtol=1e-5, atol=1e-6)
+
+
+class TwoHeads(nn.Module):
+    """'head' and 'aux_head': peft's modules_to_save=["head"] selects both (str.endswith), train="head" one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.head, self.aux_head = nn.Linear(6, 6), nn.Linear(6, 2), nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x)) + self.aux_head(x)
+
+
+def test_export_refuses_a_trained_module_whose_name_peft_would_also_match_elsewhere(tmp_path):
+    model = wb.add_adapters(TwoHeads(), "lora", 2, targets="body", train="head")
+    assert wb.adapter_config(model).train == ("head",)
+    with pytest.raises(ValueError, match=r"cannot export 'head' as peft's modules_to_save: .* also train 'aux_head'"):
+        wb.export_peft(model, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+    wb.remove_adapters(model)
+    both = wb.add_adapters(model, "lora", 2, targets="body", train=["head", "aux_head"])
+    with torch.no_grad():  # trained heads
+        both.head.weight.add_(1.0)
+        both.aux_head.bias.sub_(1.0)
+    wb.export_peft(both, tmp_path / "adapter")  # peft's selection is now ours
+    x = torch.randn(3, 6)
+    loaded = PeftModel.from_pretrained(TwoHeads(), tmp_path / "adapter")
+    torch.testing.assert_close(loaded(x), both(x), rtol=1e-5, atol=1e-6)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import workbench as wb
 from workbench.cli import main
-from workbench.executors import MissingExtraError, ray_connection
+from workbench.runs.executors import MissingExtraError, ray_connection
 
 pytestmark = pytest.mark.skipif(find_spec("ray") is None, reason="needs Ray: pip install 'adapter-workbench[ray]'")
 
@@ -29,7 +29,7 @@ KILLED = "vera-r2-lr0.01-s1"
 
 HEAD = """
 import sys
-from workbench.executors import ray_connection
+from workbench.runs.executors import ray_connection
 with ray_connection(num_cpus=2) as ray:
     print(ray.get_runtime_context().gcs_address, flush=True)
     sys.stdin.read()
@@ -225,6 +225,6 @@ def test_without_ray_the_error_says_how_to_install_it(tmp_path, capsys, monkeypa
 
 
 def test_workbench_never_imports_ray_itself():
-    code = "import sys, workbench, workbench.cli, workbench.sweep; assert 'ray' not in sys.modules, 'ray was imported'"
+    code = "import sys, workbench, workbench.cli, workbench.runs.sweep; assert 'ray' not in sys.modules, 'ray was imported'"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

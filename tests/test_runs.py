@@ -222,3 +222,94 @@ def test_records_are_strict_json(tmp_path):
     assert _strict_json(run / "config.json")["settings"]["options"]["d_initial"] == 0.1
     for line in (run / "metrics.jsonl").read_text().splitlines():
         json.loads(line, parse_constant=lambda constant: pytest.fail(f"metrics.jsonl holds {constant}"))
+
+
+def test_runs_of_a_users_own_task_load_with_the_task_and_say_so_without_it(tmp_path):
+    digits = get_task("digits")
+    mine = wb.tasks.Task("my-digits", digits.base_model, digits.datasets, batch_size=32)
+    run = wb.train(mine, "lora", 2, tmp_path / "mine", steps=20, **FAST)
+    best = wb.best_checkpoint(run)
+    with pytest.raises(ValueError, match=r"trained on task 'my-digits', which is not built in .* pass that "
+                                         r"wb.tasks.Task as task=\.\.\."):
+        load_run_model(best)
+    with pytest.raises(ValueError, match=r"trained on task 'my-digits', not 'digits'"):
+        load_run_model(best, digits)
+    model, progress = load_run_model(best, mine)
+    assert progress["path"] == str(best)
+    recorded = wb.load_checkpoints(run).set_index("path").loc[str(best), "val_loss"]
+    # the checkpoint's recorded val_loss was measured on the model in training's process; this one is rebuilt
+    assert wb.evaluate_checkpoint(best, "val", mine)["val_loss"] == pytest.approx(recorded, rel=1e-6)
+    assert set(wb.spectrum(best, mine)["layer"]) == {name for name, _ in wb.adapter_layers(model)}
+    browser = wb.ui.CheckpointBrowser(run, task=mine)
+    browser.select(best)
+    browser.evaluate()
+    assert browser.evaluation["val_loss"] == pytest.approx(recorded, rel=1e-6)
+
+
+# -- the trainer's settings: schedule, clipping, accumulation, precision, validation subset ----------------
+
+TRAINING = {"schedule": "cosine", "warmup_steps": 4, "max_grad_norm": 1.0, "accumulate": 2, "precision": "bf16",
+            "eval_batches": 1}
+
+
+def test_a_run_records_its_trainer_settings_and_a_resume_must_match_them(tmp_path):
+    run = wb.train("digits", "lora", 2, tmp_path / "run", steps=20, **TRAINING, **FAST)
+    record = _strict_json(run / "config.json")
+    assert {k: record["settings"][k] for k in TRAINING} == TRAINING and record["status"] == "finished"
+    metrics = wb.load_metrics(run)
+    train = metrics[metrics["split"] == "train"]
+    assert sorted(set(train["metric"])) == ["grad_norm", "loss", "lr"]
+    assert all(train[train["metric"] == m]["step"].tolist() == list(range(1, 21)) for m in ("grad_norm", "loss", "lr"))
+    assert wb.Run("digits", "lora", 2, run, steps=20, resume=True, **TRAINING, **FAST).finished
+    for key, other, shown in [("schedule", "linear", "'cosine' there, 'linear' here"),
+                              ("accumulate", 4, "2 there, 4 here"), ("max_grad_norm", None, "1.0 there, None here"),
+                              ("precision", "float32", "'bf16' there, 'float32' here")]:
+        with pytest.raises(ValueError, match=rf"holds a different run; it differs in {key}: {shown}"):
+            wb.Run("digits", "lora", 2, run, steps=20, resume=True, **{**TRAINING, key: other}, **FAST)
+
+
+def test_a_record_from_before_the_trainer_settings_is_the_run_with_their_defaults(tmp_path):
+    run = wb.train("digits", "lora", 2, tmp_path / "run", steps=20, **FAST)
+    record = json.loads((run / "config.json").read_text())
+    for key in TRAINING:
+        del record["settings"][key]
+    (run / "config.json").write_text(json.dumps(record))
+    assert wb.Run("digits", "lora", 2, run, steps=20, resume=True, **FAST).finished
+    with pytest.raises(ValueError, match=r"differs in schedule: 'constant' there, 'cosine' here"):
+        wb.Run("digits", "lora", 2, run, steps=20, resume=True, schedule="cosine", **FAST)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"schedule": "cosin"}, r"unknown schedule 'cosin'; valid schedules: constant, linear, cosine"),
+    ({"schedule": "linear", "warmup_steps": 20}, r"warmup_steps \(20\) must be fewer than steps \(20\)"),
+    ({"max_grad_norm": 0.0}, r"max_grad_norm must be a finite number > 0"),
+    ({"accumulate": 0}, r"accumulate must be an integer >= 1, not 0"),
+    ({"precision": "fp16"}, r"unknown precision 'fp16'; valid precisions: float32, bf16"),
+    ({"eval_batches": 0}, r"eval_batches must be an integer >= 1"),
+])
+def test_a_run_with_a_bad_trainer_setting_says_why_and_leaves_no_directory(tmp_path, settings, message):
+    with pytest.raises(ValueError, match=message):
+        wb.Run("digits", "lora", 2, tmp_path / "runs" / "new", steps=20, **{**FAST, **settings})
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_sweep_passes_the_trainer_settings_to_every_run(tmp_path):
+    table = wb.sweep("digits", ["lora", "vera"], [2], steps=10, out=tmp_path / "runs", schedule="linear",
+                     warmup_steps=2, accumulate=2, **FAST)
+    assert table["status"].tolist() == ["finished", "finished"]
+    for run in table["run"]:
+        settings = _strict_json(tmp_path / "runs" / run / "config.json")["settings"]
+        assert (settings["schedule"], settings["warmup_steps"], settings["accumulate"]) == ("linear", 2, 2)
+
+
+def test_a_run_trains_a_module_in_full_records_it_and_its_checkpoints_rebuild_it(tmp_path):
+    run = wb.train("digits", "lora", 2, tmp_path / "run", steps=20, targets=["fc1", "fc2"], train=["head"], **FAST)
+    settings = wb.run_settings(run)
+    assert settings["train"] == ["head"] and settings["targets"] == ["fc1", "fc2"]
+    base = get_task("digits").base_model()
+    model, _ = load_run_model(wb.best_checkpoint(run))
+    assert not torch.equal(model.head.weight, base.head.weight)  # the head trained, and the checkpoint kept it
+    assert torch.equal(model.fc1.base_layer.weight, base.fc1.weight)  # the adapted layers' W did not
+    assert wb.adapter_config(model).train == ("head",)
+    with pytest.raises(ValueError, match=r"differs in train: \['head'\] there, None here"):
+        wb.Run("digits", "lora", 2, run, steps=20, targets=["fc1", "fc2"], resume=True, **FAST)

@@ -222,3 +222,273 @@ def test_resume_after_a_crash_that_cut_the_metrics_log_short(tmp_path, fixed_thr
     assert resumed.fit(resume=True) == "finished"
     assert _entries(tmp_path / "cut") == _entries(tmp_path / "straight")
     assert metrics_log.read(log)[-1]["step"] == 40
+
+
+# -- schedule, clipping, accumulation, precision, validation subset ------------------------------------
+
+
+def _expected_factor(schedule: str, s: int, warmup: int, steps: int) -> float:
+    """The closed form, written out here: a linear warmup from 0 over W steps, then the schedule to 0 at T."""
+    if s < warmup:
+        return s / warmup
+    progress = (s - warmup) / (steps - warmup)
+    return {"constant": 1.0, "linear": 1.0 - progress, "cosine": (1.0 + math.cos(math.pi * progress)) / 2}[schedule]
+
+
+def _train_log(log, metric: str) -> dict[int, float]:
+    """A "train" metric of a metrics log, by step."""
+    return {e["step"]: e["value"] for e in _log(log) if e["split"] == "train" and e["metric"] == metric}
+
+
+def _extra(checkpoint) -> dict:
+    """A checkpoint's ``extra`` state, as progress.json stores it."""
+    return json.loads((checkpoint / "progress.json").read_text())["extra"]
+
+
+class GroupLrs(Callback):
+    """Every group's lr after each step: the lr of the step that follows."""
+
+    def __init__(self) -> None:
+        self.after: dict[int, list[float]] = {}
+
+    def on_step(self, trainer, loss):
+        self.after[trainer.step] = [group["lr"] for group in trainer.optimizer.param_groups]
+
+
+@pytest.mark.parametrize(("schedule", "warmup"), [("constant", 5), ("linear", 5), ("cosine", 5), ("cosine", 0)])
+def test_the_lr_of_every_step_and_every_group_is_the_formula(tmp_path, schedule, warmup):
+    task, steps, lr, ratio = _scratch_task(), 30, 1e-2, 16.0
+    model = wb.add_adapters(task.base_model(), "lora-plus", 4, lr_ratio=ratio)  # two groups: A at lr, B at 16 lr
+    groups = GroupLrs()
+    trainer = Trainer(model, task, lr=lr, steps=steps, eval_every=steps, save_every=steps, seed=3, callbacks=[groups],
+                      metrics_log=tmp_path / "metrics.jsonl", progress_bar=False, schedule=schedule,
+                      warmup_steps=warmup)
+    assert trainer.fit() == "finished"
+    logged = _train_log(tmp_path / "metrics.jsonl", "lr")  # step t used the lr of s = t - 1 steps done
+    assert sorted(logged) == list(range(1, steps + 1))
+    for t, value in logged.items():
+        assert value == pytest.approx(lr * _expected_factor(schedule, t - 1, warmup, steps), rel=1e-12, abs=1e-15)
+    for t, (lr_a, lr_b) in groups.after.items():  # each group keeps its own base lr
+        factor = _expected_factor(schedule, t, warmup, steps)
+        assert lr_a == pytest.approx(lr * factor, rel=1e-12, abs=1e-15)
+        assert lr_b == pytest.approx(ratio * lr * factor, rel=1e-12, abs=1e-15)
+    if warmup:
+        assert logged[1] == 0.0 and logged[warmup + 1] == lr  # from 0; the base lr once warmed up
+    if schedule != "constant":
+        assert groups.after[steps] == [0.0, 0.0]  # decayed to 0 at T
+
+
+def test_the_schedules_are_transformers_get_scheduler(tmp_path):
+    """The same lrs as HF Trainer's schedules (transformers is a dev dependency only)."""
+    get_scheduler = pytest.importorskip("transformers").get_scheduler
+    steps, warmup = 40, 7
+    for ours, theirs in [("constant", "constant_with_warmup"), ("linear", "linear"), ("cosine", "cosine")]:
+        task = _scratch_task()
+        model = wb.add_adapters(task.base_model(), "lora-plus", 2)
+        trainer = Trainer(model, task, lr=3e-3, steps=steps, schedule=ours, warmup_steps=warmup, progress_bar=False)
+        params = [nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))]
+        reference = torch.optim.SGD([{"params": [params[0]], "lr": 3e-3}, {"params": [params[1]], "lr": 4.8e-2}])
+        hf = get_scheduler(theirs, reference, num_warmup_steps=warmup, num_training_steps=steps)
+        for _ in range(steps):
+            ours_lrs = [g["lr"] for g in trainer.optimizer.param_groups]
+            assert ours_lrs == pytest.approx([g["lr"] for g in reference.param_groups], rel=1e-12, abs=1e-15), ours
+            trainer.optimizer.step()
+            trainer.scheduler.step()
+            reference.step()
+            hf.step()
+
+
+def test_resume_is_exact_with_a_schedule_clipping_and_accumulation(tmp_path, fixed_threads):
+    settings = {"steps": 60, "schedule": "cosine", "warmup_steps": 8, "max_grad_norm": 0.5, "accumulate": 3}
+    straight = _trainer(tmp_path, "straight", **settings)
+    assert straight.fit() == "finished"
+
+    stopped = _trainer(tmp_path, "stopped", callbacks=[Recorder(stop_at=23)], **settings)
+    assert stopped.fit() == "stopped" and 23 <= stopped.step < 60
+    checkpoint = tmp_path / "stopped" / "checkpoints" / f"step-{stopped.step:08d}"
+    assert _extra(checkpoint)["scheduler"]["last_epoch"] == stopped.step  # the schedule's state is checkpointed
+    resumed = _trainer(tmp_path, "stopped", **settings)
+    assert resumed.fit(resume=True) == "finished"
+
+    at_stop = set() if stopped.step % 10 == 0 else {(stopped.step, "val", m) for m in ("loss", "acc")}  # stopping
+    assert [e for e in _entries(tmp_path / "stopped") if e[0] not in at_stop] == _entries(tmp_path / "straight")
+    final = "checkpoints/step-00000060"
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        a, b = load_file(tmp_path / "stopped" / final / name), load_file(tmp_path / "straight" / final / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    log = tmp_path / "stopped" / "metrics.jsonl"
+    lrs, norms = _train_log(log, "lr"), _train_log(log, "grad_norm")
+    assert sorted(lrs) == sorted(norms) == list(range(1, 61))
+    assert all(lrs[t] == pytest.approx(1e-2 * _expected_factor("cosine", t - 1, 8, 60), rel=1e-12, abs=1e-15)
+               for t in lrs)
+    assert min(norms.values()) < 0.5 < max(norms.values())  # clipping bit on some steps, not on others
+    assert resumed.epoch == straight.epoch == 5  # 180 batches of 32 batches an epoch
+
+
+def _plain_model(task: Task) -> nn.Module:
+    """The scratch task's model without its dropout, adapted: one forward is one function of the batch."""
+    base = task.base_model()
+    base[2] = nn.Identity()
+    return wb.add_adapters(base, "lora", 4, init="pissa")  # PiSSA: A and B both non-zero, so both get gradients
+
+
+def _first_batch(task: Task, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    return next(iter(task.loaders(seed)["train"]))
+
+
+def test_clipping_logs_the_norm_clip_grad_norm_computes_and_scales_the_gradient_to_the_limit(tmp_path):
+    import copy
+
+    task = _scratch_task()
+    model = _plain_model(task)
+    copied = copy.deepcopy(model)
+    inputs, targets = _first_batch(task)
+    task.loss(copied(inputs), targets).backward()
+    grads = {name: p.grad.clone() for name, p in copied.named_parameters() if p.requires_grad}
+    by_hand = torch.cat([g.reshape(-1) for g in grads.values()]).double().norm().item()
+    norm = torch.nn.utils.clip_grad_norm_([p for p in copied.parameters() if p.requires_grad], by_hand / 4).item()
+    assert norm == pytest.approx(by_hand, rel=1e-6)
+
+    lr, limit = 0.1, by_hand / 4
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    trainer = Trainer(model, task, lr=lr, optimizer="sgd", steps=1, seed=3, max_grad_norm=limit,
+                      metrics_log=tmp_path / "metrics.jsonl", progress_bar=False)
+    assert trainer.fit() == "finished"
+    assert _train_log(tmp_path / "metrics.jsonl", "grad_norm")[1] == pytest.approx(norm, rel=1e-6)  # the norm before clipping
+    scale = limit / (norm + 1e-6)  # clip_grad_norm_'s coefficient
+    clipped = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    assert torch.cat([g.reshape(-1) for g in clipped.values()]).norm().item() == pytest.approx(limit, rel=1e-5)
+    for name, p in model.named_parameters():
+        if p.requires_grad:  # SGD: p - lr * (the gradient, clipped)
+            torch.testing.assert_close(clipped[name], grads[name] * scale, rtol=1e-5, atol=1e-8)
+            torch.testing.assert_close(p.detach(), before[name] - lr * grads[name] * scale, rtol=1e-5, atol=1e-7)
+
+
+def _sgd_step(model: nn.Module, data: TensorDataset, batch_size: int, accumulate: int, tmp_path, name: str) -> Trainer:
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size)  # not shuffled: micro-batches in order
+    trainer = Trainer(model, {"train": loader, "val": loader}, lr=0.1, optimizer="sgd", steps=1, accumulate=accumulate,
+                      metrics_log=tmp_path / f"{name}.jsonl", progress_bar=False)
+    assert trainer.fit() == "finished"
+    return trainer
+
+
+def test_two_micro_batches_of_16_step_as_one_batch_of_32(tmp_path):
+    import copy
+
+    task = _scratch_task()
+    model = _plain_model(task)
+    x, y = task.datasets(0)["train"].tensors
+    data = TensorDataset(x[:32], y[:32])
+    accumulated = _sgd_step(copy.deepcopy(model), data, 16, 2, tmp_path, "accumulated")
+    whole = _sgd_step(copy.deepcopy(model), data, 32, 1, tmp_path, "whole")
+    # The same 32 per-example gradients, summed in another order (two means of 16, each halved, against one
+    # mean of 32): equal up to float32 rounding, not bit for bit.
+    for (name, a), (_, b) in zip(accumulated.model.named_parameters(), whole.model.named_parameters(), strict=True):
+        if a.requires_grad:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
+            torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7, msg=name)
+    losses = [_train_log(tmp_path / f"{n}.jsonl", "loss")[1] for n in ("accumulated", "whole")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)  # the mean of the two means is the mean of all 32
+
+    # Micro-batches of unequal size (16, then 8): each weighs alike, so the gradient is the mean of the two
+    # micro-batches' mean-loss gradients, not the mean over all 24 targets.
+    uneven = _sgd_step(copy.deepcopy(model), TensorDataset(x[:24], y[:24]), 16, 2, tmp_path, "uneven")
+    reference = copy.deepcopy(model)
+    (task.loss(reference(x[:16]), y[:16]) / 2 + task.loss(reference(x[16:24]), y[16:24]) / 2).backward()
+    for (name, a), (_, b) in zip(uneven.model.named_parameters(), reference.named_parameters(), strict=True):
+        if a.requires_grad:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_accumulation_counts_optimizer_steps_and_draws_k_batches_for_each(tmp_path):
+    seen = []
+
+    class Batches(Callback):
+        def on_step(self, trainer, loss):
+            seen.append((trainer.step, trainer.loaders["train"].state_dict()["_num_yielded"]))
+
+    trainer = _trainer(tmp_path, "run", steps=12, accumulate=3, callbacks=[Batches()])
+    assert trainer.fit() == "finished" and trainer.step == 12
+    assert [step for step, _ in seen] == list(range(1, 13))
+    yielded = [n for _, n in seen]  # 1000 examples in batches of 32: 32 batches an epoch, 3 per step
+    assert yielded[:10] == [3 * t for t in range(1, 11)] and trainer.epoch == 1
+    assert wb.CheckpointManager(tmp_path / "run" / "checkpoints").list()["step"].tolist() == [12]
+
+
+def test_bf16_autocast_trains_and_the_parameters_stay_float32(tmp_path):
+    task = _scratch_task()
+    dtypes = set()
+
+    def loss(outputs, targets):
+        dtypes.add(outputs.dtype)
+        return task.loss(outputs, targets)
+
+    trainer = _trainer(tmp_path, "bf16", steps=60, loss=loss, precision="bf16")
+    assert trainer.fit() == "finished"
+    assert dtypes == {torch.bfloat16}  # forward ran under autocast, in training and in validation
+    val = {e["step"]: e["value"] for e in _log(tmp_path / "bf16" / "metrics.jsonl")
+           if e["split"] == "val" and e["metric"] == "loss"}
+    assert val[60] < val[10]
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    assert all(p.grad.dtype == torch.float32 for p in trainer.model.parameters() if p.grad is not None)
+    saved = load_file(tmp_path / "bf16" / "checkpoints" / "step-00000060" / "model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    full = wb.evaluate(trainer.model, trainer.loaders["val"], task.loss, task.counts)  # float32: close, not equal
+    assert trainer.evaluate("val")["val_loss"] == pytest.approx(full["val_loss"], rel=2e-2)
+    assert trainer.evaluate("val")["val_loss"] != full["val_loss"]
+
+
+def test_eval_batches_validates_on_the_first_batches_of_the_split_every_time(tmp_path):
+    trainer = _trainer(tmp_path, "run", steps=20, eval_batches=1)
+    assert trainer.fit() == "finished"
+    x, y = _scratch_task().datasets(3)["val"].tensors
+    size = len(next(iter(trainer.loaders["val"]))[1])  # the val loader's batch size (256): the first of 400
+    assert size < len(y)
+    trainer.model.eval()
+    with torch.no_grad():
+        logits = trainer.model(x[:size])
+    assert trainer.last_metrics["val_loss"] == pytest.approx(nn.functional.cross_entropy(logits, y[:size]).item(),
+                                                             rel=1e-5)
+    assert trainer.last_metrics["val_acc"] == int((logits.argmax(-1) == y[:size]).sum()) / size
+    assert trainer.evaluate("val", 1) == trainer.last_metrics and trainer.evaluate("val") != trainer.last_metrics
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"schedule": "cosin"}, r"unknown schedule 'cosin'; valid schedules: constant, linear, cosine"),
+    ({"warmup_steps": -1}, r"warmup_steps must be an integer >= 0, not -1"),
+    ({"warmup_steps": 2.5}, r"warmup_steps must be an integer >= 0, not 2.5"),
+    ({"schedule": "linear", "warmup_steps": 60}, r"warmup_steps \(60\) must be fewer than steps \(60\) for schedule "
+                                                 r"'linear'.*schedule 'constant' may warm up over the whole run"),
+    ({"schedule": "cosine", "warmup_steps": 99}, r"warmup_steps \(99\) must be fewer than steps \(60\)"),
+    ({"max_grad_norm": 0}, r"max_grad_norm must be a finite number > 0, or None for no clipping, not 0"),
+    ({"max_grad_norm": -1.0}, r"max_grad_norm must be a finite number > 0.*not -1.0"),
+    ({"max_grad_norm": float("inf")}, r"max_grad_norm must be a finite number > 0.*not inf"),
+    ({"max_grad_norm": float("nan")}, r"max_grad_norm must be a finite number > 0.*not nan"),
+    ({"max_grad_norm": True}, r"max_grad_norm must be a finite number > 0.*not True"),
+    ({"accumulate": 0}, r"accumulate must be an integer >= 1, not 0"),
+    ({"accumulate": 2.0}, r"accumulate must be an integer >= 1, not 2.0"),
+    ({"precision": "fp16"}, r"unknown precision 'fp16'; valid precisions: float32, bf16"),
+    ({"eval_batches": 0}, r"eval_batches must be an integer >= 1, or None for the whole split, not 0"),
+])
+def test_training_settings_are_checked_naming_the_valid_values(tmp_path, settings, message):
+    with pytest.raises(ValueError, match=message):
+        _trainer(tmp_path, "run", **settings)
+
+
+def test_a_constant_schedule_may_warm_up_over_the_whole_run(tmp_path):
+    trainer = _trainer(tmp_path, "run", steps=20, warmup_steps=40)
+    assert trainer.fit() == "finished"
+    assert _train_log(tmp_path / "run" / "metrics.jsonl", "lr")[20] == pytest.approx(1e-2 * 19 / 40, rel=1e-12)  # still warming up
+
+
+def test_a_checkpoint_without_a_schedule_state_resumes_exactly(tmp_path, fixed_threads):
+    """Checkpoints written before schedules existed hold no scheduler state; their lr was constant."""
+    assert _trainer(tmp_path, "straight", steps=40).fit() == "finished"
+    old = _trainer(tmp_path, "old", steps=20)
+    old.scheduler.state_dict = lambda: None  # what such a checkpoint's extra holds: nothing
+    assert old.fit() == "finished"
+    assert _extra(tmp_path / "old" / "checkpoints" / "step-00000020")["scheduler"] is None
+    resumed = _trainer(tmp_path, "old", steps=40)
+    assert resumed.fit(resume=True) == "finished"
+    assert _entries(tmp_path / "old") == _entries(tmp_path / "straight")

@@ -105,14 +105,19 @@ def test_a_launch_trains_in_the_background_and_the_figure_holds_the_logged_value
 
 def test_variant_options_are_shown_only_for_their_variant_and_reach_the_run(tmp_path):
     panel = panel_for(tmp_path, steps=5)
-    expected = {"lora": {"init"}, "lora-fa": {"init"}, "vera": {"d_initial"},
-                "delta-lora": {"init", "delta_lambda", "delta_start"}, "lora-plus": {"init", "lr_ratio"}}
-    assert set(panel.variant.options) == set(wb.VARIANTS) == set(expected)
-    for variant, options in expected.items():
+    assert panel.variant.options == wb.VARIANTS
+    for variant in wb.VARIANTS:
         panel.variant.value = variant
-        shown = {name for name, control in panel.options.items() if control.layout.display != "none"}
-        assert shown == options, variant
-        assert (panel.alpha.layout.display == "none") == (variant == "vera")
+        shown = {name: control for name, control in panel.options.items() if control.layout.display != "none"}
+        options = wb.variant_options(variant)
+        assert shown.keys() == options.keys(), variant
+        for name, control in shown.items():  # untouched: the variant's default, its help as the tooltip
+            assert control.value == options[name].default and control.tooltip == options[name].help
+        assert (panel.alpha.layout.display == "none") == (not wb.get_variant(variant).uses_alpha)
+    assert panel.alpha.layout.display == "" and panel.variant.value == "lora-plus"
+    assert type(panel.options["rslora"]).__name__ == "Checkbox"
+    assert type(panel.options["delta_start"]).__name__ == "IntText"
+    assert type(panel.options["lr_ratio"]).__name__ == "FloatText"
     panel.variant.value = "delta-lora"
     panel.options["delta_lambda"].value, panel.options["lr_ratio"].value = 0.25, 2.0  # lr_ratio is not delta-lora's
     panel.alpha.value = 8
@@ -133,7 +138,8 @@ def test_init_is_a_choice_of_the_lora_family_and_a_pissa_launch_records_it(tmp_p
         panel.variant.value = variant
         if init.layout.display != "none":
             shown.append(variant)
-    assert shown == ["lora", "lora-fa", "delta-lora", "lora-plus"]
+    assert shown == [v for v in wb.VARIANTS if "init" in wb.variant_options(v)] == ["lora", "lora-fa", "delta-lora",
+                                                                                    "lora-plus"]
     for variant in shown:  # the choices are exactly those the library takes
         for choice in init.options:
             model = wb.add_adapters(wb.tasks.get_task("digits").base_model(), variant, 2, init=choice)
@@ -170,6 +176,22 @@ def test_two_ranks_make_two_runs(tmp_path):
     assert len(panel.figure.data) == 8
     for name in names:
         assert len(trace(panel, f"{name} train loss").x) == 20
+    expected = wb.plots.live_runs(names)  # the panel's figure is plots', its points filled in
+    assert [t.name for t in panel.figure.data] == [t.name for t in expected.data]
+    assert [(t.xaxis, t.mode, t.line.color, t.marker.color) for t in panel.figure.data] == [
+        (t.xaxis, t.mode, t.line.color, t.marker.color) for t in expected.data]
+    assert panel.figure.layout.title.text == expected.layout.title.text
+
+
+def test_the_live_figure_has_four_empty_traces_per_run_in_the_run_colour():
+    figure = wb.plots.live_runs(["a", "b"])
+    assert [t.name for t in figure.data] == [f"{run} {series}" for run in "ab" for series in wb.plots.LIVE_SERIES]
+    assert all(t.x is None and t.y is None for t in figure.data)
+    colors = [t.marker.color if t.mode == "markers" else t.line.color for t in figure.data]
+    assert colors == [wb.plots.run_color(0)] * 4 + [wb.plots.run_color(1)] * 4
+    assert [t.name for t in figure.data if t.showlegend] == ["a val loss", "b val loss"]  # one legend entry per run
+    assert [t.xaxis for t in figure.data[:4]] == ["x", "x", "x2", "x"]  # accuracy on the right
+    assert wb.plots.live_runs([]).data == ()
 
 
 def test_stop_saves_a_checkpoint_and_launching_again_resumes_to_the_end(tmp_path):

@@ -49,6 +49,29 @@ def test_variant_trains_only_what_it_names(variant, regression):
 
 
 @pytest.mark.parametrize("variant", wb.VARIANTS)
+def test_every_option_describes_itself(variant):
+    """Help for the CLI and the panel, a kind from the default, choices where a str has a fixed set."""
+    for name, option in wb.variant_options(variant).items():
+        assert len(option.help) > 20 and "%" not in option.help, name
+        assert option.kind in (bool, int, float, str) and option.valid(option.default), name
+        assert (option.choices is not None) == (name == "init"), name
+    assert wb.variant_options(variant) == dict(wb.get_variant(variant).options)
+
+
+def test_an_option_is_refused_when_its_default_does_not_fit():
+    from workbench.adapters import Option
+
+    with pytest.raises(TypeError, match=r"default must be a bool, int, float or str, not \[1, 2\]"):
+        Option([1, 2], lambda v: True, "a list", "a list")
+    with pytest.raises(ValueError, match=r"the default 'svd' is not among the choices \('default', 'pissa'\)"):
+        Option("svd", lambda v: True, "a name", "how to start", ("default", "pissa"))
+    with pytest.raises(TypeError, match=r"choices are for str options, not for one whose default is 1"):
+        Option(1, lambda v: True, "1 or 2", "a count", (1, 2))
+    with pytest.raises(ValueError, match=r"the default -1.0 is invalid: expected a finite number > 0"):
+        wb.adapters.variant.positive_option(-1.0, "a ratio")
+
+
+@pytest.mark.parametrize("variant", wb.VARIANTS)
 def test_outputs_unchanged_at_initialisation(variant):
     base = mlp()
     x = torch.randn(8, 12)

@@ -4,6 +4,7 @@ The public face: ``import workbench as wb``.
 """
 
 from . import selection, tasks
+from ._version import __version__ as __version__
 from .adapt import (
     AdapterConfig,
     adapter_config,
@@ -13,7 +14,7 @@ from .adapt import (
     trainable_parameters,
     unmerge_adapters,
 )
-from .adapters import VARIANTS, AdapterLayer, adapter_layers
+from .adapters import AdapterLayer, adapter_layers, get_variant, variant_names, variant_options
 from .checkpoints import CheckpointError, CheckpointManager
 from .memory import SavedTensors, saved_activations
 from .optim import make_optimizer
@@ -23,6 +24,7 @@ from .runs import (
     Run,
     best_checkpoint,
     delete_checkpoint,
+    effective_rank,
     evaluate_checkpoint,
     evaluate_checkpoints,
     export_checkpoint,
@@ -32,19 +34,23 @@ from .runs import (
     load_runs,
     reduce_checkpoint,
     run_settings,
+    spectrum,
+    spectrum_over_checkpoints,
+    sweep,
     train,
+    trial_name,
 )
-from .svd import effective_rank, match_ranks, reduce_rank, spectrum, spectrum_over_checkpoints
-from .sweep import sweep, trial_name
+from .svd import match_ranks, reduce_rank
+from .targets import find_targets
 from .tasks import Task
 from .trainer import Callback, Trainer, evaluate
-
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> object:
     """``wb.ui`` and ``wb.plots`` are imported on first use: the library never loads ipywidgets, nor plotly
-    until a figure is drawn."""
+    until a figure is drawn. ``wb.VARIANTS`` is the variants registered now (``wb.variant_names()``)."""
+    if name == "VARIANTS":
+        return variant_names()
     if name in ("ui", "plots"):
         import importlib
 
@@ -75,6 +81,8 @@ __all__ = [
     "evaluate_checkpoints",
     "export_checkpoint",
     "export_peft",
+    "find_targets",
+    "get_variant",
     "import_peft",
     "load_checkpoints",
     "load_metrics",
@@ -98,5 +106,7 @@ __all__ = [
     "trainable_parameters",
     "trial_name",
     "unmerge_adapters",
+    "variant_names",
+    "variant_options",
     "write_report",
 ]

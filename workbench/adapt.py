@@ -12,7 +12,7 @@ from torch import nn
 
 from .adapters import AdapterLayer, adapter_layers, get_variant, linear_shape
 from .adapters.variant import is_finite_number
-from .targets import Targets, find_targets
+from .targets import Targets, find_targets, find_trained
 
 _CONFIG = "_workbench_adapter_config"
 
@@ -32,6 +32,8 @@ class AdapterConfig:
         requires_grad: each parameter's ``requires_grad`` before adapting, restored on removal.
         layer_ranks: qualified name -> rank of every layer when ``wb.reduce_rank`` left the
             layers with different ranks; empty while every layer has ``rank``.
+        train: the qualified names of the modules trained in full beside the adapters (``train=``
+            resolved; peft's ``modules_to_save``), in module order; empty when there are none.
     """
 
     variant: str
@@ -41,6 +43,7 @@ class AdapterConfig:
     options: dict[str, Any]
     requires_grad: dict[str, bool] = field(repr=False, default_factory=dict)
     layer_ranks: dict[str, int] = field(default_factory=dict)
+    train: tuple[str, ...] = ()
 
     def ranks(self) -> dict[str, int]:
         """Every adapted layer's rank, by qualified name."""
@@ -127,16 +130,20 @@ def add_adapters(
     rank: int,
     alpha: float | None = None,
     targets: Targets = None,
+    *,
+    train: Targets = None,
     **options: Any,
 ) -> nn.Module:
-    """Wrap every targeted layer in an adapter of ``variant`` and freeze everything else.
+    """Wrap every targeted layer in an adapter of ``variant``, train ``train`` in full, freeze everything else.
 
     Each selected ``nn.Linear`` or ``Conv1D`` is replaced in place by the variant's adapter
     layer, which keeps the original module as ``base_layer`` and takes its train/eval mode (a
     model in eval mode gets adapters in eval mode, dropout off). Afterwards only the adapters'
-    trainable tensors have ``requires_grad=True``. At initialisation the outputs are unchanged:
-    every variant's update starts at zero, or, with ``init="pissa"`` (lora, lora-fa, delta-lora,
-    lora-plus), A and B start as the top-r SVD of W and the frozen weight is the residual.
+    trainable tensors and every parameter of the ``train`` modules have ``requires_grad=True``
+    (``wb.remove_adapters`` restores each parameter's flag as it was). At initialisation the
+    outputs are unchanged: every variant's update starts at zero, or, with ``init="pissa"``
+    (lora, lora-fa, delta-lora, lora-plus), A and B start as the top-r SVD of W and the frozen
+    weight is the residual.
 
     Layers that cannot be adapted alone are skipped by ``targets=None`` and refused when named
     (see ``workbench.targets``): a tied layer, whose weight is shared with another module (GPT-2's
@@ -151,18 +158,32 @@ def add_adapters(
         alpha: the scale numerator of alpha / r, a finite number > 0; ``None`` means alpha = r
             (scale 1). Not used by vera.
         targets: see ``find_targets``: exact names, suffixes such as ``"q_proj"``, or regular
-            expressions; ``None`` means every supported linear layer that is neither tied nor shared.
+            expressions; ``None`` means every supported linear layer that is neither tied nor shared,
+            nor part of a ``train`` module.
+        train: modules to train in full beside the adapters, as peft's ``modules_to_save``: a new
+            classification head, say (``train=["classifier"]``). Patterns as for ``targets`` (exact
+            qualified names, suffixes, regular expressions), matched against modules of any type
+            that have parameters; a module inside another selected one is part of it. Every
+            parameter of them trains (``wb.make_optimizer`` gives them ``lr``), checkpoints hold
+            them and ``wb.export_peft`` writes them as peft's ``modules_to_save``. Refused: a
+            pattern matching no module (the message lists the module names); a module that is
+            adapted too, or contains or is inside an adapted layer (the message names both); and a
+            module whose parameter is tied to a module outside ``train`` (GPT-2's ``lm_head``, whose
+            weight is ``transformer.wte.weight``), which would train that module too: name both
+            (``train=["lm_head", "transformer.wte"]``) to train the shared weight for both, or
+            untie it first. Recorded, resolved to qualified names, as ``AdapterConfig.train``.
         **options: the variant's own options, e.g. ``dropout=0.1`` for lora, ``init="pissa"``.
 
     Returns:
         The same model, adapted.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``, or ``targets`` is not None, a string or a
-            list of strings.
+        TypeError: ``model`` is not an ``nn.Module``, or ``targets`` or ``train`` is not None, a
+            string or a list of strings.
         ValueError: unknown variant or option, invalid rank, alpha or option value (NaN and
-            infinities included), targets that match nothing or select a tied or shared layer, or
-            a model that already has adapters (this library's or peft's). The model is then unchanged.
+            infinities included), targets that match nothing or select a tied or shared layer,
+            ``train`` refused as above, or a model that already has adapters (this library's or
+            peft's). The model is then unchanged.
     """
     refuse_adapted(model)
     spec = get_variant(variant)
@@ -175,7 +196,8 @@ def add_adapters(
     elif not is_finite_number(alpha) or alpha <= 0:
         raise ValueError(f"alpha must be a finite number > 0 (or None for alpha = rank), not {alpha!r}")
     resolved = spec.resolve_options(options)
-    bases = find_targets(model, targets)
+    trained = find_trained(model, train)
+    bases = find_targets(model, targets, train)
     if spec.rank_limited:
         for name, base in bases.items():
             limit = min(linear_shape(base))
@@ -192,7 +214,9 @@ def add_adapters(
         _replace(model, name, layer)
         for param in layer.adapter_params().values():
             param.requires_grad_(True)
-    config = AdapterConfig(variant, rank, alpha, tuple(layers), resolved, requires_grad)
+    for module in trained.values():
+        module.requires_grad_(True)
+    config = AdapterConfig(variant, rank, alpha, tuple(layers), resolved, requires_grad, train=tuple(trained))
     setattr(model, _CONFIG, config)
     return model
 
@@ -220,7 +244,11 @@ def merge_adapters(model: nn.Module) -> nn.Module:
 
 
 def unmerge_adapters(model: nn.Module) -> nn.Module:
-    """Take every merged update out of its base weight again, W <- W - delta W. Returns the model."""
+    """Take every merged update out of its base weight again, W <- W - delta W.
+
+    delta W is what merging added (each layer keeps it while merged), not a recomputation, so an
+    update that depends on W comes out exactly too. Returns the model.
+    """
     for _, layer in _layers(model):
         layer.unmerge()
     return model

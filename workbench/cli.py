@@ -12,15 +12,24 @@ from typing import Any
 import pandas as pd
 import torch.distributed as dist
 
-from .adapters import VARIANTS
+from .adapters import Option, variant_names, variant_options
 from .checkpoints import CheckpointError
 from .distributed import torchrun_group
-from .executors import EXECUTORS, MissingExtraError
 from .report import check_claims, write_report
-from .runs import best_checkpoint, export_checkpoint, load_metrics, load_runs, reduce_checkpoint, train
-from .svd import effective_rank, spectrum
-from .sweep import sweep
+from .runs import (
+    best_checkpoint,
+    effective_rank,
+    export_checkpoint,
+    load_metrics,
+    load_runs,
+    reduce_checkpoint,
+    spectrum,
+    sweep,
+    train,
+)
+from .runs.executors import EXECUTORS, MissingExtraError
 from .tasks import TASKS
+from .trainer import PRECISIONS, SCHEDULES
 
 
 def _finite_float(text: str) -> float:
@@ -30,18 +39,56 @@ def _finite_float(text: str) -> float:
     return value
 
 
-# Variant options as flags: (flag, option name, type, help). Given only when set, so a flag that
-# the chosen variant does not have is refused by add_adapters with the valid options named.
-OPTION_FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
-    ("--dropout", "dropout", _finite_float, "dropout on the adapter path (lora, lora-fa, lora-plus, vera)"),
-    ("--lr-ratio", "lr_ratio", _finite_float, "LoRA+: B's learning rate over A's (default 16)"),
-    ("--delta-lambda", "delta_lambda", _finite_float, "Delta-LoRA: lambda (default 0.5)"),
-    ("--delta-start", "delta_start", int, "Delta-LoRA: plain LoRA steps before W moves (default 0)"),
-    ("--d-initial", "d_initial", _finite_float, "VeRA: initial value of d (default 0.1)"),
-    ("--init", "init", str, "LoRA family: 'pissa' starts A and B from the weight's top-r singular vectors and "
-     "freezes the residual (default 'default': A random, B zero)"),
-    ("--projection-seed", "projection_seed", int, "VeRA: seed of the shared random projections (default 0)"),
-]
+_FLAG_TYPES: dict[type, Callable[[str], Any]] = {int: int, float: _finite_float, str: str}  # by option kind
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return repr(value) if isinstance(value, str) else f"{value:g}"
+
+
+def option_flags() -> list[tuple[str, str, dict[str, Any]]]:
+    """Every registered variant's options as flags: (flag, option name, ``add_argument`` keywords).
+
+    One flag per option name, whichever variants have it (``lr_ratio`` -> ``--lr-ratio``), of the
+    option's kind: a bool is a switch (``--rslora``; ``--no-<name>`` for one that is on by default),
+    an int an integer, a float a finite number (``_finite_float``), a str a value, one of the
+    ``choices`` when the option has them. Every flag defaults to None and is passed on only when
+    given, so a flag the chosen variant does not have is refused by ``add_adapters`` with the
+    valid options named. The help is the option's, then the variants that have it and the default.
+    Read from the registry when called: a variant registered before the parser is built has flags.
+    """
+    owners: dict[str, list[tuple[str, Option]]] = {}
+    for variant in variant_names():
+        for name, option in variant_options(variant).items():
+            owners.setdefault(name, []).append((variant, option))
+    flags = []
+    for name, having in owners.items():
+        option = having[0][1]
+        by_default: dict[str, list[str]] = {}  # the default as shown -> the variants with it, most common first
+        for variant, o in having:
+            by_default.setdefault(_shown(o.default), []).append(variant)
+        usual, *others = sorted(by_default, key=lambda d: -len(by_default[d]))
+        default = ", ".join([f"default {usual}", *(f"{d} for {', '.join(by_default[d])}" for d in others)])
+        about = f"({', '.join(v for v, _ in having)}; {default})"
+        flag = "--" + name.replace("_", "-")
+        common = {"dest": name, "default": None}
+        if option.kind is bool:
+            if any(not o.default for _, o in having):
+                flags.append((flag, name, {**common, "action": "store_true", "help": f"{option.help} {about}"}))
+            if any(o.default for _, o in having):
+                flags.append((f"--no-{flag[2:]}", name,
+                              {**common, "action": "store_false", "help": f"turn off: {option.help} {about}"}))
+            continue
+        keywords: dict[str, Any] = {**common, "type": _FLAG_TYPES[option.kind], "help": f"{option.help} {about}"}
+        choices = [c for _, o in having for c in (o.choices or ())]
+        if choices and all(o.choices for _, o in having):
+            keywords["choices"] = list(dict.fromkeys(choices))
+        flags.append((flag, name, keywords))
+    for _, _, keywords in flags:
+        keywords["help"] = keywords["help"].replace("%", "%%")  # argparse formats help with %
+    return flags
 
 
 EXPERIMENT_LRS = [3e-3, 1e-2, 3e-2]
@@ -87,6 +134,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=_positive_int, default=300, help="optimizer steps per run (default 300)")
     parser.add_argument("--alpha", type=_positive_float, help="LoRA alpha (default: the rank; vera has none)")
     parser.add_argument("--targets", type=_list_of(str), help="comma-separated module names, suffixes or regexes")
+    parser.add_argument("--train", type=_list_of(str), help="comma-separated modules trained in full next to the "
+                        "adapters (a new head, say), as PEFT's modules_to_save (default none)")
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd"], help="(default adamw)")
     parser.add_argument("--eval-every", type=_positive_int, default=50, help="validate every K steps (default 50)")
     parser.add_argument("--save-every", type=_positive_int, default=50, help="checkpoint every K steps (default 50)")
@@ -95,22 +144,41 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--monitor", default="val_loss", choices=["val_loss", "val_acc"],
                         help="validation metric that ranks checkpoints (default val_loss, lower is better; "
                         "val_acc: higher)")
-    parser.add_argument("--rslora", action="store_true", default=None, help="scale by alpha / sqrt(r)")
-    for flag, _, kind, help_text in OPTION_FLAGS:
-        parser.add_argument(flag, type=kind, help=help_text)
+    parser.add_argument("--schedule", default="constant", choices=SCHEDULES,
+                        help="learning-rate schedule after the warmup: constant (default), or linear or cosine "
+                        "decay to 0 at the last step")
+    parser.add_argument("--warmup-steps", type=int, default=0,
+                        help="steps of linear warmup from 0 to the learning rate (default 0); fewer than --steps "
+                        "for linear and cosine")
+    parser.add_argument("--max-grad-norm", type=_positive_float,
+                        help="clip the gradient's total 2-norm to this before each step, and log the norm "
+                        "(default: no clipping)")
+    parser.add_argument("--accumulate", type=_positive_int, default=1,
+                        help="micro-batches per optimizer step (gradient accumulation; default 1)")
+    parser.add_argument("--precision", default="float32", choices=PRECISIONS,
+                        help="float32 (default), or bf16: forward and loss under bf16 autocast, the parameters "
+                        "float32")
+    parser.add_argument("--eval-batches", type=_positive_int,
+                        help="validate on the first K batches of the validation split (default all)")
+    for flag, name, keywords in option_flags():
+        try:
+            parser.add_argument(flag, **keywords)
+        except argparse.ArgumentError:
+            raise TypeError(f"variant option {name!r} would be the flag {flag}, which {parser.prog} has already: "
+                            "give the option another name") from None
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _run_settings(args: argparse.Namespace) -> dict[str, Any]:
     settings = {
-        "alpha": args.alpha, "targets": args.targets, "optimizer": args.optimizer,
+        "alpha": args.alpha, "targets": args.targets, "train": args.train, "optimizer": args.optimizer,
         "eval_every": args.eval_every, "save_every": args.save_every, "keep_last": args.keep_last,
         "keep_best": args.keep_best, "monitor": args.monitor,
+        "schedule": args.schedule, "warmup_steps": args.warmup_steps, "max_grad_norm": args.max_grad_norm,
+        "accumulate": args.accumulate, "precision": args.precision, "eval_batches": args.eval_batches,
         "progress_bar": not args.quiet,
     }
-    options = {name: getattr(args, name) for _, name, _, _ in OPTION_FLAGS if getattr(args, name) is not None}
-    if args.rslora:
-        options["rslora"] = True
+    options = {name: getattr(args, name) for _, name, _ in option_flags() if getattr(args, name, None) is not None}
     return settings | options
 
 
@@ -136,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     one = commands.add_parser("train", help="train one run (under torchrun --nproc-per-node N: one run over N "
                               "data-parallel processes, the same global batch)")
-    one.add_argument("--variant", required=True, choices=VARIANTS, help="the adapter variant")
+    one.add_argument("--variant", required=True, choices=variant_names(), help="the adapter variant")
     one.add_argument("--rank", required=True, type=_positive_int, help="the adapter rank r")
     one.add_argument("--out", required=True, type=Path, help="the run directory")
     one.add_argument("--lr", type=_positive_float, default=3e-3, help="learning rate (default 0.003)")
@@ -146,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(one)
 
     many = commands.add_parser("sweep", help="one run per variant x rank x lr x seed")
-    many.add_argument("--variants", type=_list_of(str), default=list(VARIANTS), help="comma-separated (default all)")
+    many.add_argument("--variants", type=_list_of(str), default=list(variant_names()),
+                      help="comma-separated (default all)")
     many.add_argument("--ranks", type=_list_of(_positive_int), default=[2, 8], help="comma-separated (default 2,8)")
     many.add_argument("--lrs", type=_list_of(_positive_float), default=[3e-3], help="comma-separated (default 0.003)")
     many.add_argument("--seeds", type=_list_of(int), default=[0], help="comma-separated (default 0)")
@@ -206,7 +275,7 @@ def _print_table(table: pd.DataFrame) -> None:
 
 def _experiment(args: argparse.Namespace) -> None:
     # Three learning rates, so each variant is compared at its best one, as the papers compare them.
-    table = sweep("digits", VARIANTS, [2, 8], args.steps, args.out, lrs=EXPERIMENT_LRS, eval_every=25,
+    table = sweep("digits", variant_names(), [2, 8], args.steps, args.out, lrs=EXPERIMENT_LRS, eval_every=25,
                   progress_bar=False)
     write_report(args.out, args.report)
     _print_table(table)

@@ -22,9 +22,10 @@ def make_optimizer(model: nn.Module, lr: float, optimizer: str = "adamw", **kwar
     """An optimizer for an adapted model, with the variant's rule built in.
 
     LoRA+ gets its two parameter groups (lr for A, ``lr_ratio`` x lr for B); Delta-LoRA gets
-    its weight update as step hooks. Any trainable parameter outside the adapters (a head the
-    user unfroze, say) is trained too, at ``lr``. A model without adapters gets one group of
-    every parameter with ``requires_grad`` (full fine-tuning, or a head on a frozen base).
+    its weight update as step hooks. Any trainable parameter outside the adapters (the modules
+    of ``add_adapters(..., train=["classifier"])``, or a head the user unfroze) is trained too, in
+    one more group at ``lr``. A model without adapters gets one group of every parameter with
+    ``requires_grad`` (full fine-tuning, or a head on a frozen base).
 
     Args:
         model: a model adapted with ``wb.add_adapters``, or any model with trainable parameters.

@@ -4,6 +4,7 @@ The only module that builds figures. Each function takes a table that ``load_run
 run), ``load_metrics`` (long format: run, step, split, metric, value), ``spectrum`` or
 ``spectrum_over_checkpoints`` returns, checks that it has the columns the figure needs, and
 returns a ``go.Figure``; the HTML report, the notebook panels and notebooks all draw with these.
+``live_runs`` takes run names instead: the empty figure that the workbench panel fills in as its runs log.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from .adapters import VARIANTS
+from .adapters import variant_names
 from .selection import best_index, direction, metric_mode
 
 METRICS_COLUMNS = ("run", "step", "split", "metric", "value")
 PALETTE = qualitative.Plotly
 TEMPLATE = "plotly_white"
+LIVE_SERIES = ("train loss", "val loss", "val acc", "checkpoints")  # each run's traces in ``live_runs``, in order
 
 
 def require_columns(table: pd.DataFrame, columns: Sequence[str], what: str) -> None:
@@ -30,15 +32,21 @@ def require_columns(table: pd.DataFrame, columns: Sequence[str], what: str) -> N
         raise ValueError(f"{what} lacks the column(s) {', '.join(missing)}; it needs {', '.join(columns)}")
 
 
+def run_color(index: int) -> str:
+    """The colour of the ``index``-th run (or layer) drawn in a figure: the palette in turn, from its first colour."""
+    return PALETTE[index % len(PALETTE)]
+
+
 def variant_color(variant: str) -> str:
     """The colour of a registered variant, the same in every figure; one more colour for any other."""
-    index = VARIANTS.index(variant) if variant in VARIANTS else len(VARIANTS)
+    names = variant_names()
+    index = names.index(variant) if variant in names else len(names)
     return PALETTE[index % len(PALETTE)]
 
 
 def _variant_order(variants: pd.Series) -> list[str]:
-    present = set(variants)
-    return [v for v in VARIANTS if v in present] + sorted(present - set(VARIANTS))
+    present, names = set(variants), variant_names()
+    return [v for v in names if v in present] + sorted(present - set(names))
 
 
 def _series(metrics: pd.DataFrame, split: str, metric: str, runs: Sequence[str] | None) -> pd.DataFrame:
@@ -56,6 +64,7 @@ def validation_curves(
     split: str = "val",
     runs: Sequence[str] | None = None,
     checkpoints: pd.DataFrame | None = None,
+    best: tuple[str, int, float] | None = None,
 ) -> go.Figure:
     """One line per run: the logged ``split`` ``metric`` (default the validation loss) against the step.
 
@@ -67,6 +76,7 @@ def validation_curves(
         checkpoints: a table with columns run and step; each run's line gets a marker at each of
             its checkpoint steps where the metric was logged. Example: every run's
             ``CheckpointManager(...).list()`` with a run column added.
+        best: ``(run, step, value)`` of a chosen checkpoint, marked with a gold star (trace "best").
 
     Raises:
         ValueError: a table lacks a column it needs (named in the message).
@@ -77,7 +87,7 @@ def validation_curves(
     label = f"{split} {metric}"
     figure = go.Figure()
     for index, (run, points) in enumerate(series.groupby("run", sort=True)):
-        color = PALETTE[index % len(PALETTE)]
+        color = run_color(index)
         figure.add_trace(go.Scatter(
             x=points["step"], y=points["value"], mode="lines", name=run, legendgroup=run, line={"color": color},
             hovertemplate=f"%{{fullData.name}}<br>step %{{x}}<br>{label} %{{y:.4g}}<extra></extra>",
@@ -89,6 +99,13 @@ def validation_curves(
                 showlegend=False, marker={"color": color, "size": 8},
                 hovertemplate=f"%{{fullData.name}}<br>step %{{x}}<br>{label} %{{y:.4g}}<extra></extra>",
             ))
+    if best is not None:
+        run, step, value = best
+        figure.add_trace(go.Scatter(
+            x=[step], y=[value], mode="markers", name="best",
+            marker={"symbol": "star", "size": 18, "color": "gold", "line": {"color": "black", "width": 1}},
+            hovertemplate=f"best: {run}<br>step %{{x}}<br>{label} %{{y:.4g}}<extra></extra>",
+        ))
     title = f"{label.capitalize()} against step" + (" (markers: checkpoints)" if checkpoints is not None else "")
     figure.update_layout(title=title, xaxis_title="step", yaxis_title=label, legend_title_text="run",
                          template=TEMPLATE)
@@ -113,12 +130,42 @@ def training_loss(metrics: pd.DataFrame, runs: Sequence[str] | None = None, smoo
     for index, (run, points) in enumerate(series.groupby("run", sort=True)):
         figure.add_trace(go.Scatter(
             x=points["step"], y=points["value"].rolling(smooth, min_periods=1).mean(), mode="lines", name=run,
-            line={"color": PALETTE[index % len(PALETTE)]},
+            line={"color": run_color(index)},
             hovertemplate="%{fullData.name}<br>step %{x}<br>train loss %{y:.4g}<extra></extra>",
         ))
     title = "Training loss" + (f" (mean of the last {smooth} steps)" if smooth > 1 else "")
     figure.update_layout(title=title, xaxis_title="step", yaxis_title="train loss", legend_title_text="run",
                          template=TEMPLATE)
+    return figure
+
+
+def live_runs(runs: Sequence[str]) -> go.Figure:
+    """The figure of runs as they train: the loss (left) and the validation accuracy (right), no points yet.
+
+    Run i of ``runs`` (names, in the order given) has the traces ``4 * i`` to ``4 * i + 3``, one
+    per series of ``LIVE_SERIES`` in that order, named ``"<run> <series>"`` and all in
+    ``run_color(i)``: its training loss (a thin line), validation loss (a thick line, the run's
+    one legend entry), validation accuracy (a thick line, right) and checkpoints (diamonds,
+    meant to sit on the validation loss at each saved step). Every trace is empty: whoever
+    shows the figure fills in x and y (the ``wb.ui.Workbench`` panel does, in place, as runs log).
+    """
+    figure = make_subplots(rows=1, cols=2, subplot_titles=("loss", "validation accuracy"))
+    for index, run in enumerate(runs):
+        color = run_color(index)
+        styles = {  # series -> (subplot column, trace style)
+            "train loss": (1, {"mode": "lines", "opacity": 0.45, "line": {"color": color, "width": 1}}),
+            "val loss": (1, {"mode": "lines", "line": {"color": color, "width": 2.5}, "showlegend": True}),
+            "val acc": (2, {"mode": "lines", "line": {"color": color, "width": 2.5}}),
+            "checkpoints": (1, {"mode": "markers", "marker": {"color": color, "size": 9, "symbol": "diamond"}}),
+        }
+        for series in LIVE_SERIES:
+            column, style = styles[series]
+            figure.add_scatter(name=f"{run} {series}", legendgroup=run, row=1, col=column,
+                               **{"showlegend": False, **style})
+    figure.update_layout(template=TEMPLATE, height=400, margin={"t": 70, "b": 40}, legend_title_text="run",
+                         autosize=True, title={"text": "thin: training loss, thick: validation, diamonds: checkpoints",
+                                               "font": {"size": 13}})
+    figure.update_xaxes(title_text="step")
     return figure
 
 
@@ -215,7 +262,7 @@ def spectrum(table: pd.DataFrame, energy: float | None = 0.9) -> go.Figure:
     figure = make_subplots(rows=1, cols=2, subplot_titles=("singular values", "cumulative energy"))
     for number, (layer, points) in enumerate(table.groupby("layer", sort=False)):
         points = points.sort_values("index")
-        color = PALETTE[number % len(PALETTE)]
+        color = run_color(number)
         for column, (field, label) in enumerate((("value", "s"), ("energy", "energy")), start=1):
             figure.add_trace(go.Scatter(
                 x=points["index"], y=points[field], mode="lines+markers", name=layer, legendgroup=layer,
@@ -248,7 +295,7 @@ def effective_rank_over_checkpoints(table: pd.DataFrame) -> go.Figure:
         name = "/".join(str(k) for k in key)
         figure.add_trace(go.Scatter(
             x=points["step"], y=points["effective_rank"], mode="lines+markers", name=name,
-            line={"color": PALETTE[number % len(PALETTE)], "shape": "hv"},
+            line={"color": run_color(number), "shape": "hv"},
             hovertemplate="%{fullData.name}<br>step %{x}<br>effective rank %{y}<extra></extra>",
         ))
     figure.update_layout(title="Effective rank of each layer's update across checkpoints", xaxis_title="step",

@@ -10,14 +10,13 @@ most r. Its SVD delta W = U S V^T says how much of the update each direction car
   Frobenius norm (Eckart-Young), refactored into smaller A (r', in) and B (out, r');
 - ``spectrum_over_checkpoints``: effective ranks at every checkpoint of a run.
 
-Only the LoRA family (lora, lora-fa, delta-lora, lora-plus) can be reduced: VeRA's frozen
-projections are shared by all layers and cannot be truncated per layer.
+Only variants whose update is s B A with factors of each layer's own can be reduced (the
+variant's ``reducible``: the LoRA family); VeRA's frozen projections are shared by all layers
+and cannot be truncated per layer.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,18 +27,10 @@ import torch
 from torch import nn
 
 from .adapt import adapter_config, replace_config
-from .adapters import AdapterLayer, LoRALinear, adapter_layers, svd_factors
+from .adapters import AdapterLayer, LoRALinear, adapter_layers, alpha_for_rank, get_variant, svd_factors, variant_names
+from .checkpoints import CheckpointError, read_progress
 
-ModelOrCheckpoint = nn.Module | str | os.PathLike[str]
 SPECTRUM_COLUMNS = ("layer", "index", "value", "energy")
-
-
-def _model_of(model_or_checkpoint: ModelOrCheckpoint) -> nn.Module:
-    if isinstance(model_or_checkpoint, nn.Module):
-        return model_or_checkpoint
-    from .runs import load_run_model  # runs imports this module
-
-    return load_run_model(model_or_checkpoint)[0]
 
 
 def _cumulative_energy(values: torch.Tensor) -> np.ndarray:
@@ -57,12 +48,11 @@ def _top_singular_values(layer: AdapterLayer) -> torch.Tensor:
         return torch.linalg.svdvals(layer.delta_weight().float())[:count]
 
 
-def spectrum(model_or_checkpoint: ModelOrCheckpoint) -> pd.DataFrame:
+def spectrum(model: nn.Module) -> pd.DataFrame:
     """The singular values of every adapter's update, as a long table.
 
     Args:
-        model_or_checkpoint: an adapted model, or a run's checkpoint directory (loaded with
-            ``wb.load_run_model``).
+        model: an adapted model (``wb.spectrum`` also takes a run's checkpoint directory).
 
     Returns:
         One row per layer and singular value, layers in module order: ``layer`` (qualified name),
@@ -74,7 +64,6 @@ def spectrum(model_or_checkpoint: ModelOrCheckpoint) -> pd.DataFrame:
     Raises:
         ValueError: the model has no adapters.
     """
-    model = _model_of(model_or_checkpoint)
     adapter_config(model)
     rows = []
     for name, layer in adapter_layers(model):
@@ -84,7 +73,7 @@ def spectrum(model_or_checkpoint: ModelOrCheckpoint) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(SPECTRUM_COLUMNS))
 
 
-def _check_energy(energy: object) -> float:
+def check_energy(energy: object) -> float:
     if not isinstance(energy, (int, float)) or isinstance(energy, bool) or not 0 < energy <= 1:
         raise ValueError(f"energy must be a number in (0, 1], e.g. 0.9, not {energy!r}")
     return float(energy)
@@ -96,7 +85,7 @@ def _smallest_rank(cumulative: np.ndarray, energy: float) -> int:
     return int(reached[0]) + 1 if len(reached) else 0
 
 
-def effective_rank(spectrum_or_model: pd.DataFrame | ModelOrCheckpoint, energy: float = 0.9) -> pd.Series:
+def effective_rank(spectrum_or_model: pd.DataFrame | nn.Module, energy: float = 0.9) -> pd.Series:
     """Per layer, the smallest rank r' whose truncated SVD keeps at least ``energy`` of the update.
 
     r' = min{i : sum_{j<=i} s_j^2 >= energy * sum_j s_j^2}; 0 for an update that is exactly zero
@@ -114,7 +103,7 @@ def effective_rank(spectrum_or_model: pd.DataFrame | ModelOrCheckpoint, energy: 
         ValueError: energy out of range, a table without the spectrum's columns, or a model
             without adapters.
     """
-    energy = _check_energy(energy)
+    energy = check_energy(energy)
     table = spectrum_or_model if isinstance(spectrum_or_model, pd.DataFrame) else spectrum(spectrum_or_model)
     missing = [column for column in SPECTRUM_COLUMNS if column not in table.columns]
     if missing:
@@ -126,36 +115,14 @@ def effective_rank(spectrum_or_model: pd.DataFrame | ModelOrCheckpoint, energy: 
     return pd.Series(ranks, name="effective_rank", dtype=int).rename_axis("layer")
 
 
-def spectrum_over_checkpoints(run: str | os.PathLike[str], energy: float = 0.9) -> pd.DataFrame:
-    """Every layer's effective rank at every checkpoint of a run (or of every run in a directory).
-
-    Each checkpoint is loaded into a rebuilt model with ``wb.load_run_model``.
-
-    Returns:
-        Columns run, step, stage, layer, effective_rank (see ``effective_rank``); one row per
-        checkpoint and layer, oldest checkpoint first. Draw it with
-        ``wb.plots.effective_rank_over_checkpoints``.
-    """
-    from .runs import load_checkpoints, load_run_model
-
-    energy = _check_energy(energy)
-    rows = []
-    for _, checkpoint in load_checkpoints(run).iterrows():
-        model, _ = load_run_model(checkpoint["path"])
-        for layer, rank in effective_rank(model, energy).items():
-            stage = checkpoint["stage"] if isinstance(checkpoint["stage"], str) else None
-            rows.append({"run": checkpoint["run"], "step": int(checkpoint["step"]), "stage": stage,
-                         "layer": layer, "effective_rank": int(rank)})
-    return pd.DataFrame(rows, columns=["run", "step", "stage", "layer", "effective_rank"])
-
-
 def _lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     config = adapter_config(model)
     layers = dict(adapter_layers(model))
-    if not all(isinstance(layer, LoRALinear) for layer in layers.values()):
+    if not get_variant(config.variant).reducible:
+        reducible = [name for name in variant_names() if get_variant(name).reducible]
         raise ValueError(
-            f"variant {config.variant!r} cannot be rank-reduced: only the LoRA family (lora, lora-fa, "
-            "delta-lora, lora-plus) can; VeRA's frozen projections are shared by every layer"
+            f"variant {config.variant!r} cannot be rank-reduced: its update is not a product s B A of each "
+            f"layer's own factors; variants that can: {', '.join(reducible)}"
         )
     merged = [name for name, layer in layers.items() if layer.merged]
     if merged:
@@ -244,7 +211,7 @@ def reduce_rank(
     if (rank is None) == (energy is None):
         raise ValueError("give exactly one of rank= (an integer, or a dict of layer -> rank) or energy= (in (0, 1])")
     wanted = _target_ranks(layers, rank) if rank is not None else dict.fromkeys(layers)
-    energy = _check_energy(energy) if energy is not None else None
+    energy = check_energy(energy) if energy is not None else None
     config = adapter_config(model)
     plans = {
         name: _truncate(layer, wanted[name], energy)
@@ -272,8 +239,7 @@ def reduce_rank(
     top = max(ranks.values())
     alpha = config.alpha
     if top != config.rank:
-        ratio = top / config.rank
-        alpha = config.alpha * (math.sqrt(ratio) if config.options.get("rslora") else ratio)
+        alpha = alpha_for_rank(config.alpha, config.rank, top, config.options.get("rslora", False))
     for layer in layers.values():
         layer.alpha = alpha
     uniform = len(set(ranks.values())) == 1
@@ -285,20 +251,23 @@ def match_ranks(model: nn.Module, checkpoint: str | os.PathLike[str]) -> nn.Modu
     """Reshape a freshly built model's adapters to a rank-reduced checkpoint's ranks, so it loads.
 
     A checkpoint's progress.json records the adapter config, per-layer ranks included (see
-    ``wb.reduce_rank``). When those ranks differ from the model's (same layers, each no larger),
-    ``reduce_rank(model, rank=those ranks)`` is applied; otherwise nothing is done and
+    ``wb.reduce_rank``; read with ``workbench.checkpoints.read_progress``). When those ranks differ
+    from the model's (same layers, each no larger), ``reduce_rank(model, rank=those ranks)`` is
+    applied; otherwise nothing is done and
     ``CheckpointManager.load`` reports any mismatch. ``wb.load_run_model`` calls this itself;
     call it before ``CheckpointManager(...).load(checkpoint, model)`` on a model built as the
     run's was. Returns the model.
     """
     try:
-        record = json.loads((Path(checkpoint) / "progress.json").read_text())["adapter"]
-        saved = {name: record.get("layer_ranks", {}).get(name, record["rank"]) for name in record["targets"]}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        record = read_progress(Path(checkpoint))["adapter"]
+    except CheckpointError:
         return model  # not readable here: loading says why
+    if record is None:
+        return model
+    saved = {name: record.get("layer_ranks", {}).get(name, record["rank"]) for name in record["targets"]}
     layers = dict(adapter_layers(model))
     current = {name: layer.rank for name, layer in layers.items()}
     fits = saved.keys() == current.keys() and all(saved[name] <= current[name] for name in saved)
-    if fits and saved != current and all(isinstance(layer, LoRALinear) for layer in layers.values()):
+    if fits and saved != current and layers and get_variant(adapter_config(model).variant).reducible:
         reduce_rank(model, rank=saved)
     return model

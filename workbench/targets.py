@@ -10,6 +10,11 @@ PiSSA's residual, Delta-LoRA's moves) or replacing the module would reach past t
   an adapter would replace it under one name and leave the other path unadapted.
 
 ``targets=None`` skips both; a pattern that selects one is refused, with the reason.
+
+Modules trained in full next to the adapters (``train``, peft's ``modules_to_save``) are resolved
+by the same patterns (``find_trained``). A module is adapted or trained in full, never both: a
+layer that is, is inside or contains a trained module is skipped by ``targets=None`` and refused
+when named.
 """
 
 from __future__ import annotations
@@ -34,8 +39,11 @@ def _matches(pattern: str, name: str) -> bool:
         return False
 
 
-def target_patterns(targets: Targets) -> list[str] | None:
+def target_patterns(targets: Targets, what: str = "targets") -> list[str] | None:
     """``targets`` checked and as a list of patterns (None stays None), for any caller that takes targets.
+
+    Args:
+        what: the argument's name in the messages (``"train"`` for ``find_trained``).
 
     Raises:
         TypeError: targets is not None, a string, or a list or tuple of strings.
@@ -49,13 +57,76 @@ def target_patterns(targets: Targets) -> list[str] | None:
     elif isinstance(targets, Sequence):
         patterns = list(targets)
     else:
-        raise TypeError(f"targets must be {expects}, not {targets!r} of type {type(targets).__name__}")
+        raise TypeError(f"{what} must be {expects}, not {targets!r} of type {type(targets).__name__}")
     wrong = [p for p in patterns if not isinstance(p, str)]
     if wrong:
-        raise TypeError(f"targets must be {expects}; {wrong[0]!r} in {targets!r} is not a string")
+        raise TypeError(f"{what} must be {expects}; {wrong[0]!r} in {targets!r} is not a string")
     if not patterns or not all(patterns):
-        raise ValueError(f"targets must be {expects}, not {targets!r}")
+        raise ValueError(f"{what} must be {expects}, not {targets!r}")
     return patterns
+
+
+def _within(name: str, outer: str) -> bool:
+    """Whether the module called ``name`` is the one called ``outer`` or inside it."""
+    return name == outer or name.startswith(outer + ".")
+
+
+def find_trained(model: nn.Module, train: Targets = None) -> dict[str, nn.Module]:
+    """The modules ``train`` selects to train in full, by qualified name, in module order.
+
+    Each pattern is matched as a target is (exact qualified name, name suffix at a dot, or a
+    regular expression matched against the whole name), against every module of any type that
+    has parameters. A selected module inside another selected one is part of it: only the
+    outermost are returned. Examples: ``"classifier"`` (a head), ``"bert.pooler"``, ``"layer.11"`` (a block).
+
+    A trained module's parameters must be its own: one also reachable under a name outside every
+    trained module (a weight tied to another module's, as GPT-2's ``lm_head.weight`` is
+    ``transformer.wte.weight``, or a module registered under two names) would train that other
+    module too, and is refused; naming both modules (``train=["lm_head", "transformer.wte"]``)
+    trains the shared weight for both, as asked.
+
+    Args:
+        train: a pattern or a list of patterns; None or an empty list selects nothing.
+
+    Raises:
+        TypeError: train is not None, a string or a list of strings.
+        ValueError: an empty pattern; a pattern that matches no module (naming it and the
+            module names), or only modules without parameters; a trained parameter reachable
+            from outside the trained modules (naming both names and what to do instead).
+    """
+    if train is None or (isinstance(train, (list, tuple)) and not train):
+        return {}
+    patterns = target_patterns(train, "train")
+    modules = [(name, module) for name, module in model.named_modules(remove_duplicate=False) if name]
+    hits: set[str] = set()
+    for pattern in patterns:
+        matched = [(name, module) for name, module in modules if _matches(pattern, name)]
+        if not matched:
+            suffixes = ", ".join(sorted({name.rsplit(".", 1)[-1] for name, _ in modules}))
+            children = ", ".join(name for name, _ in model.named_children())
+            raise ValueError(f"train pattern {pattern!r} matches no module of the model; module names end in: "
+                             f"{suffixes} (the top-level modules: {children})")
+        with_parameters = {name for name, module in matched if any(True for _ in module.parameters())}
+        if not with_parameters:
+            name, module = matched[0]
+            raise ValueError(f"train pattern {pattern!r} selects only modules without parameters ({name!r}, a "
+                             f"{type(module).__name__}): there is nothing to train in them")
+        hits |= with_parameters
+    chosen = {name: module for name, module in modules
+              if name in hits and not any(_within(name, outer) and name != outer for outer in hits)}
+    trained_parameters = {id(param): (outer, own) for outer, module in chosen.items()
+                          for own, param in module.named_parameters(remove_duplicate=False)}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in trained_parameters and not any(_within(name, outer) for outer in chosen):
+            trained, own = trained_parameters[id(param)]
+            outside = name.rpartition(".")[0]
+            raise ValueError(
+                f"cannot train {trained!r} in full: its parameter {trained}.{own} is also {name} (a tied weight, or "
+                f"a module registered under two names), outside train, so training {trained!r} would train "
+                f"{outside!r} too. Add {outside!r} to train to train the shared weight for both, or untie it first, "
+                f"giving {trained!r} a weight of its own (a clone of the tied one as a new nn.Parameter)"
+            )
+    return chosen
 
 
 def _unadaptable_layers(model: nn.Module, supported: dict[str, nn.Module]) -> dict[str, str]:
@@ -95,7 +166,7 @@ def _unadaptable_layers(model: nn.Module, supported: dict[str, nn.Module]) -> di
     return reasons
 
 
-def find_targets(model: nn.Module, targets: Targets = None) -> dict[str, nn.Module]:
+def find_targets(model: nn.Module, targets: Targets = None, train: Targets = None) -> dict[str, nn.Module]:
     """The supported layers that ``targets`` selects, by qualified name, in module order.
 
     Args:
@@ -104,15 +175,20 @@ def find_targets(model: nn.Module, targets: Targets = None) -> dict[str, nn.Modu
             a regular expression matched against the whole name; ``None`` selects every
             supported layer (``nn.Linear`` and transformers' ``Conv1D``) except tied and shared
             ones (see the module docstring), which it skips.
+        train: the modules trained in full beside the adapters (``find_trained``); ``None``
+            skips the layers that are, are inside or contain one of them, e.g. the classifier of
+            ``train=["classifier"]``, and naming such a layer in ``targets`` is refused.
 
     Raises:
-        TypeError: targets is not None, a string or a list of strings.
+        TypeError: targets or train is not None, a string or a list of strings.
         ValueError: an empty pattern or list; the model has no supported layer (or only tied
             and shared ones); a pattern selects none (the message names the pattern and the
-            layer names that would match); or a pattern selects a tied or shared layer (the
-            message names the tie or both paths, and what to do instead).
+            layer names that would match); a pattern selects a tied or shared layer (the
+            message names the tie or both paths, and what to do instead) or one of a trained
+            module (naming both); or ``find_trained`` refuses ``train``.
     """
     patterns = target_patterns(targets)
+    trained = find_trained(model, train)
     # every path, so that each name of a shared layer is matched (and refused)
     supported = {
         name: module for name, module in model.named_modules(remove_duplicate=False) if name and is_supported(module)
@@ -120,6 +196,10 @@ def find_targets(model: nn.Module, targets: Targets = None) -> dict[str, nn.Modu
     if not supported:
         raise ValueError("the model has no layer an adapter can wrap (nn.Linear or transformers Conv1D)")
     unadaptable = _unadaptable_layers(model, supported)
+    for name in supported:
+        overlap = _trained_overlap(name, trained)
+        if overlap is not None:
+            unadaptable.setdefault(name, overlap)
     if patterns is None:
         chosen = {name: module for name, module in supported.items() if name not in unadaptable}
         if not chosen:
@@ -135,6 +215,22 @@ def find_targets(model: nn.Module, targets: Targets = None) -> dict[str, nn.Modu
     if refused:
         raise ValueError(f"cannot adapt {refused[0]!r}: {unadaptable[refused[0]]}")
     return {name: module for name, module in supported.items() if name in hits}
+
+
+def _trained_overlap(name: str, trained: dict[str, nn.Module]) -> str | None:
+    """Why layer ``name`` cannot be adapted when ``trained`` modules train in full, or None if it can."""
+    for outer in trained:
+        if name == outer:
+            where = f"train selects {name!r} to train in full"
+        elif _within(name, outer):
+            where = f"it is inside {outer!r}, which train selects to train in full (its weight with the rest)"
+        elif _within(outer, name):
+            where = f"it contains {outer!r}, which train selects to train in full"
+        else:
+            continue
+        return (f"{where}, and a module is adapted or trained in full, not both. Leave {name!r} out of targets "
+                f"(targets=None skips the layers of trained modules) or {outer!r} out of train")
+    return None
 
 
 def _no_match_message(model: nn.Module, pattern: str, supported: dict[str, nn.Module]) -> str:

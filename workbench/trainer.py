@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
 import os
 import threading
@@ -13,21 +15,21 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import metrics_log
 from .adapt import adapter_config
-from .checkpoints import CheckpointManager
-from .checkpoints.snapshot import capture_rng, restore_rng
+from .checkpoints import CheckpointManager, capture_rng, restore_rng, stages
+from .distributed import Replicas, sum_over_ranks, unwrap
 from .optim import make_optimizer
-from .tasks.base import Task, classification_counts, classification_loss
+from .tasks import Task, classification_counts, classification_loss
 
 RECENT_LOSSES = 50
 MAX_SEED = 2**63 - 1  # torch's generators take seeds that fit 64 bits; seed + rank must too
-FINAL_STAGE = "finetuned"  # the stage label of the checkpoint a finished fit ends with; never pruned
-SVD_INIT_STAGE = "svd-init"  # the step-0 checkpoint of a run whose adapters start from the SVD of W
+SCHEDULES = ("constant", "linear", "cosine")  # the learning-rate schedules (``lr_factor``)
+PRECISIONS = ("float32", "bf16")  # what forward and loss compute in (``autocast``)
 
 
 class Callback:
@@ -55,6 +57,7 @@ class Trainer:
 
     Data-parallel training: give every process of a ``torch.distributed`` group the same
     model (built from the same seed), task and settings, and the group as ``process_group``.
+    The collectives below are ``workbench.distributed.Replicas``'s; the trainer calls them from its loop.
 
     - Wrapping: the trainer wraps the model in ``DistributedDataParallel`` itself (a model
       already wrapped is used as it is, its group the default). ``trainer.model`` stays the
@@ -99,10 +102,47 @@ class Trainer:
             the loss must be a mean over the targets ``counts`` counts. None: one process.
         monitor: the validation metric shown in the progress bar and ranking checkpoints; the first
             evaluation raises ``ValueError`` if it does not record it, naming the metrics it does.
+        schedule, warmup_steps: the learning-rate schedule. The optimizer step that follows s steps
+            done (s = 0 ... steps - 1) uses lr_g * f(s) in each parameter group g, lr_g the group's own
+            base lr (LoRA+'s B group keeps its ratio to A's). With W = ``warmup_steps``, T = ``steps``
+            (``lr_factor``, the formulas of transformers' ``get_scheduler``)::
+
+                f(s) = s / W                              while s < W  (linear warmup from 0)
+                f(s) = 1                                  "constant" (the default; W = 0: a constant lr)
+                f(s) = (T - s) / (T - W)                  "linear"
+                f(s) = (1 + cos(pi (s - W) / (T - W))) / 2  "cosine"
+
+            so with W > 0 the first step's lr is 0, step W + 1's the base lr, and linear and cosine
+            reach 0 at s = T. Linear and cosine need W < T (they would never decay); "constant" takes
+            any W >= 0 (with W >= T the run ends still warming up). ``trainer.scheduler`` is the
+            ``torch.optim.lr_scheduler.LambdaLR`` of f; its state is in every checkpoint. Whenever
+            the lr varies (not "constant" with W = 0), every step logs the lr its first group used
+            as the "train" metric "lr". Example: ``schedule="cosine", warmup_steps=30``.
+        max_grad_norm: clip the gradient of the trainable parameters to this total 2-norm before each
+            step (``torch.nn.utils.clip_grad_norm_``); every step then logs the norm before clipping as
+            the "train" metric "grad_norm", and a non-finite norm ends the run as diverged before the
+            step is applied. None (the default): no clipping. Example: ``max_grad_norm=1.0``.
+        accumulate: K, the micro-batches (each a batch of the loader) per optimizer step. Micro-batch m's
+            mean loss L_m is back-propagated divided by K, so the step's gradient is
+            (1/K) sum_m dL_m/dtheta: the gradient of the mean loss over all K micro-batches' targets
+            when each counts the same number of them (batch size B: an effective batch of K B). Otherwise
+            every micro-batch weighs alike, a target of micro-batch m by 1 / (K n_m) with n_m its
+            targets (the short last batch of an epoch, a loss that ignores some targets). The logged
+            loss is (1/K) sum_m L_m. ``steps``, ``eval_every`` and ``save_every`` count optimizer steps;
+            checkpoints are taken between steps only, so their data position is exact. Under a process
+            group, gradients are all-reduced once per step (``no_sync`` before the last micro-batch).
+        precision: "float32" (the default), or "bf16": forward and loss, in training and in evaluation,
+            run under ``torch.autocast(<device type>, dtype=torch.bfloat16)`` (``autocast``); the
+            parameters, their gradients and the optimizer state stay float32.
+        eval_batches: validate on the first N batches of the "val" loader only, the same ones every
+            time (it is not shuffled); under a process group, the first N of each rank's share. None
+            (the default): the whole split. ``trainer.evaluate()`` always evaluates whole splits.
 
     Raises:
         ValueError: a bad number of steps or interval, a bad seed, loaders without "train" / "val",
-            or a task batch size the number of processes does not divide.
+            a task batch size the number of processes does not divide; an unknown schedule or
+            precision, warmup_steps < 0 (or >= steps for linear and cosine), max_grad_norm not a
+            finite number > 0, accumulate or eval_batches not an integer >= 1; each naming the valid values.
     """
 
     def __init__(
@@ -126,17 +166,32 @@ class Trainer:
         device: torch.device | str | None = None,
         process_group: dist.ProcessGroup | None = None,
         monitor: str = "val_loss",
+        schedule: str = "constant",
+        warmup_steps: int = 0,
+        max_grad_norm: float | None = None,
+        accumulate: int = 1,
+        precision: str = "float32",
+        eval_batches: int | None = None,
     ) -> None:
-        for name, value in (("steps", steps), ("eval_every", eval_every), ("save_every", save_every)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        for name, value in (("steps", steps), ("eval_every", eval_every), ("save_every", save_every),
+                            ("accumulate", accumulate)):
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, not {value!r}")
         check_seed(seed)
-        wrapped = model if isinstance(model, DistributedDataParallel) else None
-        if wrapped is not None:
-            model, process_group = wrapped.module, process_group or wrapped.process_group
-        self.process_group = process_group
-        self.rank = dist.get_rank(process_group) if process_group is not None else 0
-        self.world_size = dist.get_world_size(process_group) if process_group is not None else 1
+        check_schedule(schedule, warmup_steps, steps)
+        clip = max_grad_norm
+        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
+                                 or not math.isfinite(clip) or clip <= 0):
+            raise ValueError(f"max_grad_norm must be a finite number > 0, or None for no clipping, not {clip!r}")
+        check_precision(precision)
+        if eval_batches is not None and (not _is_int(eval_batches) or eval_batches < 1):
+            raise ValueError(f"eval_batches must be an integer >= 1, or None for the whole split, not {eval_batches!r}")
+        model, process_group, wrapper = unwrap(model, process_group)
+        self.model, self.process_group = model, process_group
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self._replicas = Replicas(process_group, self.device) if process_group is not None else None
+        self.rank = self._replicas.rank if self._replicas is not None else 0
+        self.world_size = self._replicas.world_size if self._replicas is not None else 1
         if isinstance(task, Task):
             self.loaders = task.loaders(seed, rank=self.rank, world_size=self.world_size)
             self.loss, self.counts = loss or task.loss, counts or task.counts
@@ -146,17 +201,16 @@ class Trainer:
                 raise ValueError(f"loaders need the splits train and val; missing: {', '.join(sorted(missing))}")
             self.loaders = dict(task)
             self.loss, self.counts = loss or classification_loss, counts or classification_counts
-        self.model = model
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self._forward: nn.Module = model  # what training calls: the model, or its DDP wrapper
-        if process_group is not None:
-            if wrapped is None:
-                model.to(self.device)
-                ids = [self.device] if self.device.type == "cuda" else None
-                wrapped = DistributedDataParallel(model, device_ids=ids, process_group=process_group)
-            self._forward = wrapped
+        if self._replicas is not None:
+            self._forward = wrapper if wrapper is not None else self._replicas.wrap(model)
         self.optimizer = make_optimizer(model, lr, optimizer, **dict(optimizer_options or {}))
+        self.scheduler = make_scheduler(self.optimizer, schedule, warmup_steps, steps)
         self.steps, self.eval_every, self.save_every, self.seed = steps, eval_every, save_every, seed
+        self.schedule, self.warmup_steps, self.max_grad_norm = schedule, warmup_steps, max_grad_norm
+        self.accumulate, self.precision, self.eval_batches = accumulate, precision, eval_batches
+        self._trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self._logs_lr = schedule != "constant" or warmup_steps > 0  # the lr varies over the run
         self.is_writer = self.rank == 0
         if isinstance(checkpoints, (str, os.PathLike)):
             checkpoints = CheckpointManager(checkpoints, monitor=monitor)
@@ -187,7 +241,7 @@ class Trainer:
         self._stop.set()
 
     def resume(self) -> bool:
-        """Load the newest valid checkpoint (model, optimizer, RNGs, data position); False if none.
+        """Load the newest valid checkpoint (model, optimizer, lr schedule, RNGs, data position); False if none.
 
         Under a process group every rank must call it: rank 0 picks the checkpoint, every rank
         loads it and restores its own RNG and data position.
@@ -197,10 +251,10 @@ class Trainer:
         """
         if self._manager is None:
             return False
-        if self.process_group is None:
+        if self._replicas is None:
             progress = self._manager.resume(self.model, self.optimizer)
         else:
-            progress = self._resume_all_ranks()
+            progress = self._replicas.resume(self._manager, self.model, self.optimizer)
         if progress is None:
             return False
         extra = progress["extra"]
@@ -209,25 +263,20 @@ class Trainer:
                              f"this one has {self.world_size}; resume it on as many (torchrun --nproc-per-node "
                              f"{extra.get('world_size', 1)}) so its data order and random states continue exactly")
         loader = extra["loader"]
-        if self.process_group is not None:
+        if self._replicas is not None:  # each rank's own states, gathered to rank 0 when it saved (``_save``)
             restore_rng(extra["ranks"][self.rank]["rng"])
             loader = extra["ranks"][self.rank]["loader"]
         self.step, self.epoch = progress["step"], extra["epoch"]
+        scheduler = extra.get("scheduler")
+        if scheduler is None:  # a checkpoint from before schedules: its lr was constant, the optimizer state has it
+            scheduler = {**self.scheduler.state_dict(), "last_epoch": self.step, "_step_count": self.step + 1,
+                         "_last_lr": [group["lr"] for group in self.optimizer.param_groups]}
+        self.scheduler.load_state_dict(scheduler)
         self.loaders["train"].load_state_dict(loader)
         self.recent_losses.extend(extra["losses"])
         self.last_metrics = dict(progress["metrics"])
         self._truncate_log(self.step)
         return True
-
-    def _resume_all_ranks(self) -> dict[str, Any] | None:
-        """Rank 0 resumes from the newest valid checkpoint; the other ranks then load that one."""
-        assert self._manager is not None
-        progress = self._manager.resume(self.model, self.optimizer) if self.is_writer else None
-        chosen = [None if progress is None else progress["path"]]
-        dist.broadcast_object_list(chosen, group=self.process_group, group_src=0)
-        if self.is_writer or chosen[0] is None:
-            return progress
-        return self._manager.load(chosen[0], self.model, self.optimizer)
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -236,8 +285,8 @@ class Trainer:
 
         With ``resume=True`` training continues from the newest valid checkpoint exactly: the
         same losses, parameters and optimizer state as a run that was never interrupted.
-        A non-finite loss ends the run before that step is applied or saved, so no checkpoint
-        ever holds a diverged state; ``trainer.message`` says at which step. When ``fit``
+        A non-finite loss (or, with clipping, gradient norm) ends the run before that step is applied
+        or saved, so no checkpoint ever holds a diverged state; ``trainer.message`` says at which step. When ``fit``
         returns, every checkpoint is on disk and the directory's lock is released. A finished
         run's last checkpoint has the stage label "finetuned", and a fresh run with PiSSA
         adapters (``init="pissa"``) first saves its untrained state, validated, at step 0 as
@@ -255,37 +304,35 @@ class Trainer:
         self.model.train()  # once: evaluate() puts the mode back as it found it
         try:
             while self.step < self.steps:
-                inputs, targets = self._next_batch()
-                outputs = self._forward(inputs)
-                loss = self.loss(outputs, targets)
-                if self.process_group is None:
-                    value = None
-                    finite = bool(torch.isfinite(loss))
-                else:
-                    value, weight, finite, asked = self._agree(loss, outputs, targets)
-                    loss = loss * weight
-                if not finite:
-                    self.status = "diverged"
-                    self.message = (f"training stopped: the loss became {loss.item() if value is None else value} "
-                                    f"at step {self.step + 1}; lower the learning rate. Checkpoints hold only "
-                                    "states from before it.")
-                    break
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                value, asked = self._backward()
+                logged = {"loss": value}
+                diverged = None if math.isfinite(value) else f"the loss became {value}"
+                if diverged is None and self.max_grad_norm is not None:
+                    norm = torch.nn.utils.clip_grad_norm_(self._trainable, self.max_grad_norm).item()
+                    logged["grad_norm"] = norm  # before clipping; the same on every rank (gradients all-reduced)
+                    diverged = None if math.isfinite(norm) else f"the gradient norm became {norm}"
+                if diverged is not None:
+                    self.status = "diverged"
+                    self.message = (f"training stopped: {diverged} at step {self.step + 1}; lower the learning "
+                                    "rate. Checkpoints hold only states from before it.")
+                    break
+                if self._logs_lr:
+                    logged["lr"] = self.optimizer.param_groups[0]["lr"]  # the lr this step uses
                 self.optimizer.step()
+                self.scheduler.step()
                 self.step += 1
-                value = loss.item() if value is None else value
                 self.recent_losses.append(value)
-                self._log(self.step, "train", {"loss": value})
+                self._log(self.step, "train", logged)
                 for callback in self.callbacks:
                     callback.on_step(self, value)
                 at_end = self.step == self.steps
-                stopping = self._stop.is_set() if self.process_group is None else asked
+                stopping = self._stop.is_set() if self._replicas is None else asked  # agreed on as the step began
                 saving = at_end or self.step % self.save_every == 0 or stopping
                 if at_end or saving or self.step % self.eval_every == 0:
                     self._validate(self.step)
                 if saving:
-                    self._save(FINAL_STAGE if at_end else None)
+                    self._save(stages.FINETUNED if at_end else None)
                 bar.update(1)
                 bar.set_postfix({"loss": f"{value:.4f}", **self._shown_metric()}, refresh=False)
                 if stopping:
@@ -299,36 +346,41 @@ class Trainer:
             self._flush_log()
             if self.checkpoints is not None:
                 self.checkpoints.close()  # waits for a pending save; another process may write here now
-        if self.process_group is not None:
-            dist.barrier(group=self.process_group)  # rank 0's last checkpoint is on disk for every rank
+        if self._replicas is not None:
+            self._replicas.barrier()  # rank 0's last checkpoint is on disk for every rank
         for callback in self.callbacks:
             callback.on_end(self)
         return self.status
 
-    def _agree(self, loss: torch.Tensor, outputs: torch.Tensor, targets: torch.Tensor
-               ) -> tuple[float, float, bool, bool]:
-        """One all-reduce per step: (whole-batch loss, this rank's loss weight, all finite, stop asked on any rank).
-
-        With n_r targets counted on rank r, N = sum_r n_r and L_r rank r's mean loss, the whole
-        batch's loss is L = sum_r n_r L_r / N. DDP averages gradients over the W ranks, so rank r
-        back-propagates w_r L_r with w_r = W n_r / N: the average is then exactly dL/dtheta, what
-        one process computes on the whole batch (w_r = 1 when the shares count alike).
-        """
-        local = loss.item()
-        _, counted = self.counts(outputs.detach(), targets)
-        finite = math.isfinite(local)
-        sums = torch.tensor([local * counted if finite else 0.0, counted, 0.0 if finite else 1.0,
-                             float(self._stop.is_set())], dtype=torch.float64,
-                            device=collective_device(self.process_group, self.device))
-        dist.all_reduce(sums, group=self.process_group)
-        total, count, diverged, asked = sums.tolist()
-        if diverged:
-            return (local if not finite else math.nan), 1.0, False, bool(asked)
-        return total / max(count, 1), self.world_size * counted / max(count, 1), True, bool(asked)
-
     def _shown_metric(self) -> dict[str, str]:
         value = self.last_metrics.get(self.monitor)
         return {} if value is None else {self.monitor: f"{value:.4f}"}
+
+    def _backward(self) -> tuple[float, bool]:
+        """Forward and backward over ``accumulate`` micro-batches: (the step's loss, whether a rank asked to stop).
+
+        The loss is (1/K) sum_m L_m, each L_m the micro-batch's mean (under a process group, the
+        whole global micro-batch's), and the gradients are left summed in ``.grad``; a non-finite
+        L_m ends the step there, its loss returned, nothing more back-propagated.
+        """
+        total, asked = 0.0, False
+        for micro in range(self.accumulate):
+            inputs, targets = self._next_batch()
+            last = micro == self.accumulate - 1
+            syncing = self._replicas is None or last  # DDP all-reduces the summed gradients at the last backward
+            with contextlib.nullcontext() if syncing else self._forward.no_sync():
+                with autocast(self.precision, self.device):
+                    outputs = self._forward(inputs)
+                    loss = self.loss(outputs, targets)
+                value = loss.item()
+                if self._replicas is not None:  # the whole micro-batch's loss, this rank's weight of it, a stop
+                    agreed = self._replicas.agree(value, self.counts(outputs.detach(), targets)[1], self._stop.is_set())
+                    value, loss, asked = agreed.loss, loss * agreed.weight, asked or agreed.stop
+                if not math.isfinite(value):
+                    return value, asked
+                (loss if self.accumulate == 1 else loss / self.accumulate).backward()
+            total += value
+        return total / self.accumulate, asked
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._iterator is None:
@@ -341,15 +393,19 @@ class Trainer:
             inputs, targets = next(self._iterator)
         return inputs.to(self.device), targets.to(self.device)
 
-    def evaluate(self, split: str = "val") -> dict[str, float]:
-        """Mean loss and accuracy over a whole split: ``{"<split>_loss": ..., "<split>_acc": ...}``."""
+    def evaluate(self, split: str = "val", batches: int | None = None) -> dict[str, float]:
+        """Mean loss and accuracy over a split: ``{"<split>_loss": ..., "<split>_acc": ...}``.
+
+        Over its first ``batches`` batches, or (None) all of them; in the trainer's ``precision``.
+        """
         if split not in self.loaders:
             raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(self.loaders)}")
-        return evaluate(self.model, self.loaders[split], self.loss, self.counts, split, self.device, self.process_group)
+        return evaluate(self.model, self.loaders[split], self.loss, self.counts, split, self.device, self.process_group,
+                        batches=batches, precision=self.precision)
 
     def _validate(self, step: int) -> None:
-        """Evaluate on "val", log it and tell the callbacks; the monitor must be among the metrics."""
-        metrics = self.evaluate("val")
+        """Evaluate on "val" (its first ``eval_batches``), log it, tell the callbacks; the monitor must be recorded."""
+        metrics = self.evaluate("val", self.eval_batches)
         if self.monitor not in metrics:
             raise ValueError(f"monitor {self.monitor!r} is not recorded: an evaluation records "
                              f"{', '.join(metrics)}; monitor one of them")
@@ -361,15 +417,18 @@ class Trainer:
     def _checkpoint_initial_state(self) -> None:
         """Validate the SVD-initialised model before any step and keep it as the "svd-init" checkpoint."""
         self._validate(0)
-        self._save(SVD_INIT_STAGE)
+        self._save(stages.SVD_INIT)
 
     def _save(self, stage: str | None = None) -> None:
         if self._manager is None:
             return
-        ranks = self._gather_states() if self.process_group is not None else None
+        ranks = None  # under a group: every rank's RNG and loader states, in rank order, on rank 0
+        if self._replicas is not None:
+            ranks = self._replicas.gather({"rng": capture_rng(), "loader": self.loaders["train"].state_dict()})
         if self.checkpoints is None:
             return
-        extra = {"loader": self.loaders["train"].state_dict(), "epoch": self.epoch, "losses": list(self.recent_losses)}
+        extra = {"loader": self.loaders["train"].state_dict(), "epoch": self.epoch, "losses": list(self.recent_losses),
+                 "scheduler": self.scheduler.state_dict()}
         if ranks is not None:
             extra |= {"world_size": self.world_size, "ranks": ranks}
         self._flush_log()
@@ -377,13 +436,6 @@ class Trainer:
                                      extra=extra)
         for callback in self.callbacks:
             callback.on_save(self, path)
-
-    def _gather_states(self) -> list[dict[str, Any]] | None:
-        """Every rank's global RNG and data-loader states, in rank order, on rank 0 (None elsewhere)."""
-        state = {"rng": capture_rng(), "loader": self.loaders["train"].state_dict()}
-        gathered: list[Any] | None = [None] * self.world_size if self.is_writer else None
-        dist.gather_object(state, gathered, group=self.process_group, group_dst=0)
-        return gathered
 
     # -- the metrics log ----------------------------------------------------------------------
 
@@ -412,11 +464,15 @@ def evaluate(
     split: str = "val",
     device: torch.device | str | None = None,
     process_group: dist.ProcessGroup | None = None,
+    *,
+    batches: int | None = None,
+    precision: str = "float32",
 ) -> dict[str, float]:
     """``{"<split>_loss": L, "<split>_acc": A}`` over every batch of ``loader``, the model in eval mode.
 
     L = sum_b loss_b * n_b / sum_b n_b, with n_b the targets counted in batch b, and A = correct / counted.
-    Under a process group the three sums are reduced over all ranks first.
+    Under a process group the three sums are reduced over all ranks first. ``batches``: over the
+    first so many batches only (None: all); ``precision``: forward and loss under ``autocast(precision)``.
 
     Evaluating leaves torch's RNG as it found it (a data loader draws its seed from it), so
     validating more or less often never changes how a run trains.
@@ -426,19 +482,88 @@ def evaluate(
     totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, counted
     cuda = [device] if device is not None and torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
-        for inputs, targets in loader:
+        for inputs, targets in itertools.islice(loader, batches):
             if device is not None:
                 inputs, targets = inputs.to(device), targets.to(device)
-            outputs = model(inputs)
+            with autocast(precision, device if device is not None else inputs.device):
+                outputs = model(inputs)
+                value = loss(outputs, targets).item()
             correct, counted = counts(outputs, targets)
-            totals += torch.tensor([loss(outputs, targets).item() * counted, correct, counted], dtype=torch.float64)
+            totals += torch.tensor([value * counted, correct, counted], dtype=torch.float64)
     if process_group is not None:
-        reduced = totals.to(collective_device(process_group, device))
-        dist.all_reduce(reduced, group=process_group)
-        totals = reduced.cpu()
+        totals = sum_over_ranks(totals, process_group, device)
     model.train(was_training)
     loss_sum, correct, counted = totals.tolist()
     return {f"{split}_loss": loss_sum / max(counted, 1), f"{split}_acc": correct / max(counted, 1)}
+
+
+def lr_factor(schedule: str, step: int, warmup_steps: int, steps: int) -> float:
+    """f(s): what the base lr is multiplied by for the optimizer step that follows ``step`` = s steps done.
+
+    With W = ``warmup_steps`` and T = ``steps`` (the formulas of transformers' ``get_scheduler``:
+    "constant_with_warmup", "linear", "cosine" with half a cycle)::
+
+        f(s) = s / W                                         while s < W
+        f(s) = 1                                             "constant"
+        f(s) = max(0, (T - s) / (T - W))                     "linear"
+        f(s) = max(0, (1 + cos(pi (s - W) / (T - W))) / 2)   "cosine"
+    """
+    if step < warmup_steps:
+        return step / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return max(0.0, (steps - step) / max(1, steps - warmup_steps))
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / max(1, steps - warmup_steps))))
+
+
+def check_schedule(schedule: object, warmup_steps: object, steps: int) -> None:
+    """Refuse a schedule ``lr_factor`` does not know, or a warmup it cannot follow in ``steps`` steps.
+
+    Raises:
+        ValueError: an unknown schedule (naming the valid ones), warmup_steps not an integer >= 0,
+            or, for "linear" and "cosine", not fewer than ``steps`` (they would never decay).
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; valid schedules: {', '.join(SCHEDULES)}")
+    if not _is_int(warmup_steps) or warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be an integer >= 0, not {warmup_steps!r}")
+    if schedule != "constant" and warmup_steps >= steps:
+        raise ValueError(f"warmup_steps ({warmup_steps}) must be fewer than steps ({steps}) for schedule "
+                         f"{schedule!r}, which decays the lr to 0 at the last step after the warmup; schedule "
+                         "'constant' may warm up over the whole run")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int, steps: int) -> LambdaLR:
+    """A ``LambdaLR`` that sets every group's lr to its own base lr times ``lr_factor(schedule, s, ...)``.
+
+    Made before any step, it sets the lrs of the first (s = 0); ``scheduler.step()`` after each
+    optimizer step moves them on. Its ``state_dict()`` is numbers only (the factor is a plain function).
+    """
+    check_schedule(schedule, warmup_steps, steps)
+    return LambdaLR(optimizer, lambda step: lr_factor(schedule, step, warmup_steps, steps))
+
+
+def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager[Any]:
+    """What forward and loss run under: nothing for "float32", bf16 autocast on ``device``'s type for "bf16".
+
+    Raises:
+        ValueError: an unknown precision, naming the valid ones.
+    """
+    if check_precision(precision) == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+def check_precision(precision: object) -> str:
+    """``precision`` if it is one of ``PRECISIONS``.
+
+    Raises:
+        ValueError: another value, naming the valid ones.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid precisions: {', '.join(PRECISIONS)}")
+    return precision
 
 
 def check_seed(seed: object) -> int:
@@ -447,16 +572,13 @@ def check_seed(seed: object) -> int:
     Raises:
         ValueError: another value, naming the valid range.
     """
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+    if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, not {seed!r}")
     return seed
 
 
-def collective_device(process_group: dist.ProcessGroup, device: torch.device | str | None) -> torch.device:
-    """Where the group's collectives take their tensors: the training device under NCCL, else the CPU (gloo)."""
-    if device is not None and dist.get_backend(process_group) == dist.Backend.NCCL:
-        return torch.device(device)
-    return torch.device("cpu")
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _svd_initialised(model: nn.Module) -> bool:

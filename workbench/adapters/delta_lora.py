@@ -9,7 +9,7 @@ import torch
 
 from .layer import AdapterLayer
 from .lora import LoRA
-from .variant import count_option, flag_option, init_option, number_option, register
+from .variant import count_option, init_option, number_option, register
 
 
 @register
@@ -35,9 +35,11 @@ class DeltaLoRA(LoRA):
     name = "delta-lora"
     moves_base_weights = True
     options = {
-        "rslora": flag_option(),
-        "delta_lambda": number_option(0.5),
-        "delta_start": count_option(0),
+        "rslora": LoRA.options["rslora"],
+        "delta_lambda": number_option(
+            0.5, "lambda: how far W follows each step's change of the adapter, W += lambda (alpha / r) (B'A' - BA)"
+        ),
+        "delta_start": count_option(0, "plain LoRA steps before W starts to move"),
         "init": init_option(),
     }
 

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2's linear layer, weight stored (in, out))."""
     # transformers is imported already if the model came from it; never import it here.
     utils = sys.modules.get("transformers.pytorch_utils")
     return utils is not None and isinstance(module, utils.Conv1D)
@@ -23,12 +24,12 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 def is_supported(module: nn.Module) -> bool:
     """Whether an adapter can wrap ``module``: an ``nn.Linear`` or a transformers ``Conv1D``."""
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
     """``(in_features, out_features)`` of a supported base layer."""
-    if _is_conv1d(module):
+    if is_conv1d(module):
         return module.nx, module.nf
     return module.in_features, module.out_features
 
@@ -47,7 +48,9 @@ class AdapterLayer(nn.Module, ABC):
 
     Attributes:
         variant: the variant's name, one of ``wb.VARIANTS``.
-        merged: whether ``delta_weight()`` is currently folded into W.
+        merged: whether the update is currently folded into W.
+        merged_delta: what ``merge`` added to W, (out, in) in W's dtype, while merged (else None);
+            a non-persistent buffer, so it moves with the layer but is never saved.
     """
 
     variant: str = ""
@@ -57,7 +60,11 @@ class AdapterLayer(nn.Module, ABC):
         self.base_layer = base_layer
         self.in_features, self.out_features = linear_shape(base_layer)
         self.rank = rank
-        self.merged = False
+        self.register_buffer("merged_delta", None, persistent=False)
+
+    @property
+    def merged(self) -> bool:
+        return self.merged_delta is not None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -71,7 +78,7 @@ class AdapterLayer(nn.Module, ABC):
     def base_weight(self) -> torch.Tensor:
         """W as an (out, in) view of the base weight; writing to it writes the base layer."""
         weight = self.base_layer.weight
-        return weight.T if _is_conv1d(self.base_layer) else weight
+        return weight.T if is_conv1d(self.base_layer) else weight
 
     @abstractmethod
     def update(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,19 +117,28 @@ class AdapterLayer(nn.Module, ABC):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """W <- W + delta_weight(): one matrix product at inference, no adapter overhead."""
+        """W <- W + D with D = delta_weight(): one matrix product at inference, no adapter overhead.
+
+        D is kept (``merged_delta``, in W's dtype) so that ``unmerge`` takes out exactly what was
+        added, also for an update that depends on W. Merging a merged layer does nothing.
+        """
         if not self.merged:
             weight = self.base_weight()
-            weight.add_(self.delta_weight().to(weight.dtype))
-            self.merged = True
+            delta = self.delta_weight().detach().to(weight.dtype)  # (out, in)
+            weight.add_(delta)
+            self.merged_delta = delta
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """W <- W - delta_weight(): back to the unmerged outputs within float rounding."""
+        """W <- W - D, the D that ``merge`` added: back to the unmerged W within float rounding.
+
+        Recomputing D here would be wrong for an update that depends on W (it would see the merged
+        W). Unmerging an unmerged layer does nothing.
+        """
         if self.merged:
             weight = self.base_weight()
-            weight.sub_(self.delta_weight().to(weight.dtype))
-            self.merged = False
+            weight.sub_(self.merged_delta)
+            self.merged_delta = None
 
     def extra_repr(self) -> str:
         return f"variant={self.variant!r}, rank={self.rank}, merged={self.merged}"

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .layer import AdapterLayer
-from .variant import Variant, dropout_option, flag_option, init_option, register
+from .variant import FieldReader, PeftTensors, Variant, dropout_option, flag_option, init_option, register
+
+if TYPE_CHECKING:
+    from ..adapt import AdapterConfig
 
 
 def lora_a_init_(tensor: torch.Tensor) -> torch.Tensor:
@@ -27,6 +31,17 @@ def lora_b_init_(tensor: torch.Tensor) -> torch.Tensor:
 def lora_scaling(alpha: float, rank: int, rslora: bool) -> float:
     """s = alpha / r, or alpha / sqrt(r) with rank-stabilised LoRA (Kalajdzievski, 2023)."""
     return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def alpha_for_rank(alpha: float, rank: int, new_rank: int, rslora: bool) -> float:
+    """The alpha' that keeps the scale s of (alpha, r) at rank r'.
+
+    s = alpha / r = alpha' / r' gives alpha' = alpha r' / r; with rslora, s = alpha / sqrt(r) gives
+    alpha' = alpha sqrt(r' / r). So ``lora_scaling(alpha', r', rslora) == lora_scaling(alpha, r, rslora)``:
+    what rank reduction records, and what a peft export writes for a layer whose rank is not the config's.
+    """
+    ratio = new_rank / rank
+    return alpha * (math.sqrt(ratio) if rslora else ratio)
 
 
 def svd_factors(
@@ -145,11 +160,22 @@ class LoRALinear(AdapterLayer):
 
 @register
 class LoRA(Variant):
-    """``"lora"``: options ``dropout`` (default 0.0), ``rslora`` (default False), ``init`` ("default" or "pissa")."""
+    """``"lora"``: options ``dropout`` (default 0.0), ``rslora`` (default False), ``init`` ("default" or "pissa").
+
+    The LoRA family (this and the variants built on it) exports to peft as a plain LoRA, since
+    each one's forward is W x + s B A x (see ``to_peft``), and can be rank-reduced.
+    """
 
     name = "lora"
-    options = {"dropout": dropout_option(), "rslora": flag_option(), "init": init_option()}
+    options = {
+        "dropout": dropout_option(),
+        "rslora": flag_option(False, "rank-stabilised LoRA: scale the update by alpha / sqrt(r) instead of alpha / r"),
+        "init": init_option(),
+    }
     layer: type[LoRALinear] = LoRALinear
+    reducible = True
+    peft_type = "LORA"
+    peft_tensors = ("lora_A.weight", "lora_B.weight")
 
     def build(
         self, bases: Mapping[str, nn.Module], rank: int, alpha: float, options: Mapping[str, Any]
@@ -161,3 +187,57 @@ class LoRA(Variant):
             layer.variant = self.name
             layers[name] = layer
         return layers
+
+    def to_peft(
+        self, layers: Mapping[str, AdapterLayer], config: AdapterConfig
+    ) -> tuple[PeftTensors, dict[str, Any]]:
+        """Each layer as a peft LoRA with the same forward, W x + s B A x.
+
+        - LoRA-FA's frozen A, LoRA+'s learning rates and Delta-LoRA's rule are training details:
+          the tensors are A and B.
+        - With ``init="pissa"`` the layers hold the residual W_res = W - s B0 A0, but peft applies
+          the adapter to the original W. Since W_res + s B A = W + s (B A - B0 A0), each layer is
+          written as the exact rank-2r LoRA B' = [B, -B0], A' = [A; A0] with the same scale s
+          (``lora_alpha`` doubled, or times sqrt(2) with rslora), as peft's own
+          ``path_initial_model_for_weight_conversion`` does.
+        - Layers of different ranks (after ``wb.reduce_rank``) get peft's ``rank_pattern`` and
+          ``alpha_pattern``: each layer's rank, and the alpha that keeps its scale s
+          (``alpha_for_rank``).
+        """
+        rslora = config.options.get("rslora", False)
+        tensors: dict[str, dict[str, torch.Tensor]] = {}
+        ranks = {}
+        for name, layer in layers.items():
+            a, b = layer.lora_A, layer.lora_B
+            if layer.initial_update() is not None:  # PiSSA: W_res + s B A = W + s (B A - B0 A0)
+                a, b = torch.cat([a, layer.lora_A0]), torch.cat([b, -layer.lora_B0], dim=1)
+            tensors[name] = {"lora_A.weight": a, "lora_B.weight": b}
+            ranks[name] = a.shape[0]
+        rank = max(ranks.values())
+        fields: dict[str, Any] = {
+            "r": rank,
+            "lora_alpha": alpha_for_rank(config.alpha, config.rank, rank, rslora),
+            "lora_dropout": config.options.get("dropout", 0.0),
+            "use_rslora": rslora,
+            "init_lora_weights": True,
+        }
+        # peft matches pattern keys as r"(.*\.)?(key)$": the longest name first, so a layer never takes
+        # the rank of another whose name ends its own.
+        differing = sorted((name for name in ranks if ranks[name] != rank), key=len, reverse=True)
+        if differing:
+            fields["rank_pattern"] = {re.escape(name): ranks[name] for name in differing}
+            fields["alpha_pattern"] = {
+                re.escape(name): alpha_for_rank(config.alpha, config.rank, ranks[name], rslora) for name in differing
+            }
+        return PeftTensors(tensors), fields
+
+    def from_peft(self, field: FieldReader) -> dict[str, Any]:
+        """alpha, dropout and rslora from a peft LoRA's ``lora_alpha``, ``lora_dropout``, ``use_rslora``.
+
+        A and B are then loaded as they are, whatever ``init_lora_weights`` says.
+        """
+        return {
+            "alpha": field("lora_alpha", float),
+            "dropout": field("lora_dropout", float, 0.0),
+            "rslora": field("use_rslora", bool, False),
+        }

@@ -20,7 +20,7 @@ class LoRAPlus(LoRA):
     """
 
     name = "lora-plus"
-    options = {**LoRA.options, "lr_ratio": positive_option(16.0)}
+    options = {**LoRA.options, "lr_ratio": positive_option(16.0, "B's learning rate over A's: lr_B = lr_ratio x lr")}
 
     def param_groups(
         self, layers: Sequence[AdapterLayer], lr: float, options: Mapping[str, Any]

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .layer import AdapterLayer, linear_shape
-from .variant import Variant, count_option, dropout_option, number_option, register
+from .variant import FieldReader, PeftTensors, Variant, count_option, dropout_option, number_option, register
+
+if TYPE_CHECKING:
+    from ..adapt import AdapterConfig
 
 
 def vera_projections(rank: int, max_in: int, max_out: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,13 +90,18 @@ class VeRA(Variant):
 
     name = "vera"
     options = {
-        "d_initial": number_option(0.1),
+        "d_initial": number_option(0.1, "the initial value of every entry of the trainable scaling vector d"),
         "dropout": dropout_option(),
-        "projection_seed": count_option(0),
+        "projection_seed": count_option(
+            0, "the seed of the frozen random projections A and B shared by every layer (peft's projection_prng_key)"
+        ),
     }
     uses_alpha = False
     rank_limited = False
+    reducible = False  # A and B are shared by every layer: no layer's update can be truncated alone
     peft_type = "VERA"
+    peft_tensors = ("vera_lambda_d", "vera_lambda_b")
+    peft_shared = ("vera_A", "vera_B")
 
     def build(
         self, bases: Mapping[str, nn.Module], rank: int, alpha: float, options: Mapping[str, Any]
@@ -107,4 +115,36 @@ class VeRA(Variant):
         return {
             name: VeRALinear(base, a, b, d_initial=options["d_initial"], dropout=options["dropout"])
             for name, base in bases.items()
+        }
+
+    def to_peft(
+        self, layers: Mapping[str, AdapterLayer], config: AdapterConfig
+    ) -> tuple[PeftTensors, dict[str, Any]]:
+        """peft's VeRA: each layer's d and b_vec, and the shared projections saved with them.
+
+        peft regenerates the same projections from ``projection_prng_key`` (``vera_projections``);
+        saving them too (``save_projection``) keeps the file valid whatever generator peft uses.
+        """
+        first = next(iter(layers.values()))
+        tensors = PeftTensors(
+            {name: {"vera_lambda_d": layer.vera_lambda_d, "vera_lambda_b": layer.vera_lambda_b}
+             for name, layer in layers.items()},
+            {"vera_A": first.vera_A, "vera_B": first.vera_B},
+        )
+        fields = {
+            "r": config.rank,
+            "projection_prng_key": config.options["projection_seed"],
+            "save_projection": True,
+            "vera_dropout": config.options["dropout"],
+            "d_initial": config.options["d_initial"],
+            "init_weights": True,
+        }
+        return tensors, fields
+
+    def from_peft(self, field: FieldReader) -> dict[str, Any]:
+        """The options of a peft VeRA; the projections come from the file when it holds them, else from the seed."""
+        return {
+            "d_initial": field("d_initial", float, 0.1),
+            "dropout": field("vera_dropout", float, 0.0),
+            "projection_seed": field("projection_prng_key", int, 0),
         }

@@ -1,6 +1,15 @@
 """Checkpoints: complete, atomic, verifiable snapshots of a training run, in safetensors and JSON."""
 
 from .manager import CheckpointManager
-from .snapshot import CheckpointError, changed_tensors, load_checkpoint, verify
+from .snapshot import (
+    CheckpointError,
+    capture_rng,
+    changed_tensors,
+    load_checkpoint,
+    read_progress,
+    restore_rng,
+    verify,
+)
 
-__all__ = ["CheckpointError", "CheckpointManager", "changed_tensors", "load_checkpoint", "verify"]
+__all__ = ["CheckpointError", "CheckpointManager", "capture_rng", "changed_tensors", "load_checkpoint", "read_progress",
+           "restore_rng", "verify"]

@@ -18,7 +18,7 @@ from filelock import FileLock, Timeout
 from safetensors import SafetensorError
 from torch import nn
 
-from .. import selection
+from ..selection import ranked, resolve_mode
 from .files import remove_directory, remove_strays, set_aside, write_directory
 from .snapshot import (
     CheckpointError,
@@ -104,7 +104,7 @@ class CheckpointManager:
         if not isinstance(monitor, str) or not monitor:
             raise ValueError(f"monitor must be a metric name such as 'val_loss', not {monitor!r}")
         self.keep_last, self.keep_best, self.monitor = keep_last, keep_best, monitor
-        self.mode = selection.resolve_mode(monitor, mode)
+        self.mode = resolve_mode(monitor, mode)
         self.directory = Path(directory)
         with _writable(self.directory):
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -278,7 +278,7 @@ class CheckpointManager:
     @staticmethod
     def _ranked(records: list[dict[str, Any]], metric: str, mode: str) -> list[dict[str, Any]]:
         """``records`` from best to worst by ``metric`` (``wb.selection.ranked``); those without a number left out."""
-        order = selection.ranked(((index, record.get(metric)) for index, record in enumerate(records)), mode)
+        order = ranked(((index, record.get(metric)) for index, record in enumerate(records)), mode)
         return [records[index] for index in order]
 
     def list(self) -> pd.DataFrame:
@@ -306,8 +306,8 @@ class CheckpointManager:
         metric = metric or self.monitor
         if mode is None and metric == self.monitor:
             mode = self.mode
-        ranked = self._ranked(self._records(), metric, selection.resolve_mode(metric, mode))
-        return ranked[0]["path"] if ranked else None
+        order = self._ranked(self._records(), metric, resolve_mode(metric, mode))
+        return order[0]["path"] if order else None
 
     def _resolve(self, path_or_step: int | str | os.PathLike[str]) -> Path:
         if isinstance(path_or_step, int) and not isinstance(path_or_step, bool):

@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .._version import __version__
 from ..adapt import adapter_config
 from ..adapters import adapter_layers, get_variant
 from .codec import decode, encode, tensor_from_json, tensor_to_json
@@ -115,15 +116,20 @@ def changed_tensors(model: nn.Module, full: bool = False) -> dict[str, torch.Ten
     """The model's state that training changes, by state-dict name.
 
     That is every parameter with ``requires_grad``, every tensor an adapter layer owns (LoRA-FA's
-    frozen random A too, since the run's result depends on it), and for variants that move
-    base weights (Delta-LoRA) the adapted layers' base weights. ``full=True``: the whole state dict.
+    frozen random A too, since the run's result depends on it), the whole state (buffers too,
+    such as running statistics) of the modules trained in full (``add_adapters(train=...)``), and
+    for variants that move base weights (Delta-LoRA) the adapted layers' base weights.
+    ``full=True``: the whole state dict.
     """
     state = model.state_dict(keep_vars=True)
     if full:
         return {name: tensor.detach() for name, tensor in state.items()}
     names = {name for name, param in model.named_parameters() if param.requires_grad}
     layers = list(adapter_layers(model))
-    moves = bool(layers) and get_variant(adapter_config(model).variant).moves_base_weights
+    config = adapter_config(model) if layers else None
+    moves = config is not None and get_variant(config.variant).moves_base_weights
+    for trained in config.train if config is not None else ():
+        names.update(name for name in state if name.startswith(f"{trained}."))
     for layer_name, layer in layers:
         names.update(f"{layer_name}.{n}" for n, _ in layer.named_parameters() if not n.startswith("base_layer."))
         if moves:
@@ -160,12 +166,11 @@ def _adapter_summary(model: nn.Module) -> dict[str, Any] | None:
     config = asdict(adapter_config(model))
     del config["requires_grad"]
     config["targets"] = list(config["targets"])
+    config["train"] = list(config["train"])
     return config
 
 
 def _versions() -> dict[str, str]:
-    from .. import __version__
-
     return {"workbench": __version__, "torch": torch.__version__, "safetensors": safetensors.__version__,
             "numpy": np.__version__, "python": platform.python_version()}
 
@@ -322,6 +327,20 @@ def verify(path: Path) -> dict[str, Any]:
     return progress
 
 
+def read_progress(path: Path) -> dict[str, Any]:
+    """The checkpoint's progress.json, parsed and checked (schema, its own checksum, format); files not hashed.
+
+    For reading what a checkpoint records before loading it (its adapter ranks, to shape a model);
+    ``verify`` and ``load_checkpoint`` still check every file.
+
+    Raises:
+        CheckpointError: no progress.json, or one that is unreadable, malformed or corrupted.
+    """
+    if not (path / PROGRESS_FILE).is_file():
+        raise CheckpointError(f"{path}: not a checkpoint ({PROGRESS_FILE} is missing)")
+    return _read_progress(path / PROGRESS_FILE)
+
+
 def _read_progress(progress_path: Path) -> dict[str, Any]:
     """progress.json parsed, checked against ``Progress`` and its own checksum."""
     try:
@@ -418,9 +437,10 @@ def _differences(stored: dict[str, Any] | None, current: dict[str, Any] | None) 
         def describe(config: dict[str, Any] | None) -> str:
             return "no adapters" if config is None else f"{config['variant']} adapters"
         return [f"adapters: checkpoint has {describe(stored)}, model has {describe(current)}"]
+    stored = {"train": [], **stored}  # checkpoints written before train= existed trained no module in full
     return [
         f"{key}: checkpoint {stored.get(key)!r}, model {current[key]!r}"
-        for key in ("variant", "rank", "alpha", "targets", "options")
+        for key in ("variant", "rank", "alpha", "targets", "options", "train")
         if stored.get(key) != current[key]
     ]
 

@@ -25,7 +25,7 @@ from torch import nn
 
 import workbench as wb
 
-from .panel import BEST_STYLE, Panel, catching, html_table, show
+from .panel import BEST_STYLE, Panel, catching, html_table, redraw, show
 
 RUN_BEST_STYLE = "background:#fff3bf"
 SELECTED_STYLE = "outline:2px solid #1c7ed6"
@@ -47,6 +47,8 @@ class CheckpointBrowser(Panel):
 
     Args:
         run_or_runs_dir: a run directory (with config.json) or a directory of runs.
+        task: the runs' task when it is not a built-in one (the ``wb.tasks.Task`` they trained on),
+            to rebuild their models and data; built-in tasks are rebuilt from their names.
 
     Attributes:
         checkpoints: the table shown, ``wb.load_checkpoints``' (run, step, path, stage, size,
@@ -77,8 +79,9 @@ class CheckpointBrowser(Panel):
         browser.reduce(energy=0.9)    # -> runs/<run>-reduced-e0.9, a checkpoint of stage "rank-reduced"
     """
 
-    def __init__(self, run_or_runs_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, run_or_runs_dir: str | os.PathLike[str], task: wb.Task | None = None) -> None:
         self.path = Path(run_or_runs_dir)
+        self.task = task
         if wb.load_runs(self.path).empty:
             raise ValueError(f"{self.path} is no run and holds no run: neither it nor its subdirectories have a "
                              "config.json (a run directory written by wb.Run, wb.train or wb.sweep)")
@@ -256,7 +259,7 @@ class CheckpointBrowser(Panel):
         """Load the selected checkpoint into a fresh copy of its run's model (``wb.load_run_model``)."""
         path = self._selected()
         show(self.status, f"loading {path} ...")
-        self.model, progress = wb.load_run_model(path)
+        self.model, progress = wb.load_run_model(path, self.task)
         self.loaded = path
         show(self.status, f"loaded {path.name} of {self._run_of(path).name} (step {progress['step']}, "
                           f"{wb.trainable_parameters(self.model):,} trainable parameters) into .model")
@@ -270,7 +273,8 @@ class CheckpointBrowser(Panel):
         """
         path = self._selected()
         show(self.status, f"evaluating {path.name} on val and test ...")
-        self.evaluation = {**wb.evaluate_checkpoint(path, "val"), **wb.evaluate_checkpoint(path, "test")}
+        val, test = (wb.evaluate_checkpoint(path, split, self.task) for split in ("val", "test"))
+        self.evaluation = {**val, **test}
         text = ", ".join(f"{name} {value:.4g}" for name, value in self.evaluation.items())
         show(self.status, f"{self._run_of(path).name} / {path.name}: {text}")
         return self.evaluation
@@ -313,7 +317,7 @@ class CheckpointBrowser(Panel):
             raise ValueError(f"{target} exists and is not an empty directory: choose a new or empty one")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            out = wb.export_checkpoint(path, target)
+            out = wb.export_checkpoint(path, target, task=self.task)
         notes = "".join(f" Note: {w.message}" for w in caught)
         show(self.status, f"exported {path.name} of {self._run_of(path).name} to {out} "
                           f"(adapter_config.json, adapter_model.safetensors).{notes}")
@@ -372,7 +376,7 @@ class CheckpointBrowser(Panel):
         source = self._run_of(path)
         out = source.parent / f"{source.name}-reduced-{f'r{rank}' if rank is not None else f'e{energy:g}'}"
         show(self.status, f"reducing {path.name} of {source.name} ...")
-        self.reduced, self.reduction = wb.reduce_checkpoint(path, out, rank=rank, energy=energy)
+        self.reduced, self.reduction = wb.reduce_checkpoint(path, out, rank=rank, energy=energy, task=self.task)
         self.refresh()
         reduced = wb.load_checkpoints(out).iloc[0]
         before = self.checkpoints.loc[self.checkpoints["path"] == str(path)].iloc[0]
@@ -400,7 +404,7 @@ class CheckpointBrowser(Panel):
         """
         path = self._selected()
         energy = self.reduce_energy.value
-        table = wb.spectrum(path)
+        table = wb.spectrum(path, self.task)
         ranks = wb.effective_rank(table, energy)
         name = f"{self._run_of(path).name} / {path.name}"
         figure = wb.plots.spectrum(table, energy).update_layout(title=f"Spectrum of {name}")
@@ -408,10 +412,7 @@ class CheckpointBrowser(Panel):
             self.figure = go.FigureWidget(figure)
             self._figure_box.children = (self.figure,)
         else:
-            with self.figure.batch_update():
-                self.figure.data = ()
-                self.figure.add_traces(list(figure.data))
-                self.figure.update_layout(figure.layout.to_plotly_json(), overwrite=True)
+            redraw(self.figure, figure)
         layers = table.groupby("layer", sort=False)["value"]
         summary = pd.DataFrame({"layer": ranks.index, "rank": layers.size().to_numpy(),
                                 "largest s": layers.max().to_numpy(), "effective_rank": ranks.to_numpy()})

@@ -18,7 +18,7 @@ import plotly.graph_objects as go
 
 import workbench as wb
 
-from .panel import BEST_STYLE, Panel, catching, html_table, show
+from .panel import BEST_STYLE, Panel, catching, html_table, redraw, show
 
 METRICS = {"loss": "validation loss", "acc": "validation accuracy"}
 
@@ -145,19 +145,13 @@ class Compare(Panel):
         """Replace the figure's traces and layout in place, and rebuild the table."""
         chosen, metric = list(self.runs.value), self.metric.value
         checkpoints = self.checkpoints[self.checkpoints["run"].isin(chosen)]
-        figure = wb.plots.validation_curves(self.metrics, metric, runs=chosen, checkpoints=checkpoints)
+        best = None
         if self.best_row is not None and f"val_{metric}" in self.best_row:
-            figure.add_trace(go.Scatter(
-                x=[self.best_row["step"]], y=[self.best_row[f"val_{metric}"]], mode="markers", name="best",
-                marker={"symbol": "star", "size": 18, "color": "gold", "line": {"color": "black", "width": 1}},
-                hovertemplate=f"best: {self.best_row['run']}<br>step %{{x}}<br>val {metric} %{{y:.4g}}<extra></extra>",
-            ))
+            best = (self.best_row["run"], self.best_row["step"], self.best_row[f"val_{metric}"])
+        figure = wb.plots.validation_curves(self.metrics, metric, runs=chosen, checkpoints=checkpoints, best=best)
         if not chosen:
             figure.update_layout(title="No run chosen: choose runs (or widen the variant and rank filters)")
-        with self.figure.batch_update():
-            self.figure.data = ()
-            self.figure.add_traces(list(figure.data))
-            self.figure.update_layout(figure.layout.to_plotly_json(), overwrite=True)
+        redraw(self.figure, figure)
         self.table.value = self._table_html(chosen, metric)
 
     def run_summary(self, runs: Sequence[str] | None = None) -> pd.DataFrame:

@@ -1,4 +1,4 @@
-"""What every panel shares: display through its top-level widget, the status line, HTML tables."""
+"""What every panel shares: display through its top-level widget, the status line, HTML tables, figure redraws."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 
 import ipywidgets as widgets
 import pandas as pd
+import plotly.graph_objects as go
 
 BEST_STYLE = "background:#ffe066;font-weight:bold"
 
@@ -27,20 +28,33 @@ def show(status: widgets.HTML, message: str, error: bool = False) -> None:
     status.value = f'<span style="color:{color}">{html.escape(message)}</span>'
 
 
-def catching(status: widgets.HTML, action: Callable[[], Any]) -> Callable[[Any], None]:
+def catching(status: widgets.HTML, action: Callable[[], Any],
+             failed: Callable[[str], Any] | None = None) -> Callable[[Any], None]:
     """A widget callback that runs ``action`` and shows any exception in ``status``.
 
     ipywidgets only logs an exception raised in a click handler (the user sees nothing), so
-    every handler of the panels goes through this.
+    every handler of the panels goes through this. ``failed``, if given, is also called with
+    the message shown ("<ExceptionType>: <text>"), e.g. to keep it in an attribute.
     """
 
     def handler(_: Any) -> None:
         try:
             action()
         except Exception as error:  # any failure belongs in the status line, not in a log
-            show(status, f"{type(error).__name__}: {error}", error=True)
+            message = f"{type(error).__name__}: {error}"
+            if failed is not None:
+                failed(message)
+            show(status, message, error=True)
 
     return handler
+
+
+def redraw(widget: go.FigureWidget, figure: go.Figure) -> None:
+    """Make ``widget`` show ``figure``'s traces and layout, in place (the widget on screen stays, and redraws once)."""
+    with widget.batch_update():
+        widget.data = ()
+        widget.add_traces(list(figure.data))
+        widget.update_layout(figure.layout.to_plotly_json(), overwrite=True)
 
 
 def _cell(value: Any, column: str) -> str:

@@ -18,7 +18,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,63 +27,50 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
-from plotly.subplots import make_subplots
-from torch import nn
 
 import workbench as wb
 
-from .panel import Panel
+from .panel import Panel, catching, redraw, show
 
 RANKS = (1, 2, 4, 8, 16, 32, 64)
-SHOWN_OPTIONS = ("init", "lr_ratio", "delta_lambda", "delta_start", "d_initial")
-CHOICES = {"init": ("default", "pissa")}  # the values of the string options, each shown as a Dropdown
 DRAW_INTERVAL = 0.4  # seconds between two redraws of the figure and the progress bar during a run
-CONFIG_FILE = "config.json"  # a run directory's record (see wb.Run)
-SERIES = ("train loss", "val loss", "val acc", "checkpoints")
+SERIES = wb.plots.LIVE_SERIES  # what the figure shows of each run, in the order of its traces
 _WIDE = {"description_width": "initial"}
 
 
-def variant_choices() -> dict[str, tuple[bool, dict[str, Any]]]:
-    """For each variant of ``wb.VARIANTS``: (whether it uses alpha, its shown options with their defaults).
+def option_control(name: str, option: wb.adapters.Option) -> widgets.ValueWidget:
+    """The control of a variant option, made from its kind, with the option's help as its tooltip.
 
-    Read from the library itself by adapting a 2 x 2 linear layer, so a default changed there
-    is the default here. Shown options are those of ``SHOWN_OPTIONS`` the variant has.
+    A str with choices is a Dropdown of them, a bool a Checkbox, an int an integer box, a float a
+    number box, any other str a text box. Values are checked by the library when a run is built.
     """
-    choices = {}
-    with torch.random.fork_rng():  # adapting draws initial weights; leave the user's RNG alone
-        for variant in wb.VARIANTS:
-            config = wb.adapter_config(wb.add_adapters(nn.Sequential(nn.Linear(2, 2)), variant, 1))
-            options = {name: value for name, value in config.options.items() if name in SHOWN_OPTIONS}
-            choices[variant] = (config.alpha is not None, options)
-    return choices
-
-
-def _option_control(name: str, default: Any) -> widgets.ValueWidget:
-    """The control of a variant option: a Dropdown of ``CHOICES`` for a string, else a number box."""
-    if isinstance(default, str):
-        return widgets.Dropdown(options=CHOICES[name], value=default, description=name, style=_WIDE)
-    if isinstance(default, int):
-        return widgets.BoundedIntText(value=default, min=0, max=10**7, description=name, style=_WIDE)
-    return widgets.FloatText(value=default, description=name, style=_WIDE)
+    common = {"description": name, "tooltip": option.help, "style": _WIDE}
+    if option.choices is not None:
+        return widgets.Dropdown(options=option.choices, value=option.default, **common)
+    if option.kind is bool:
+        return widgets.Checkbox(value=option.default, indent=False, **common)
+    if option.kind is int:
+        return widgets.IntText(value=option.default, **common)
+    if option.kind is float:
+        return widgets.FloatText(value=option.default, **common)
+    return widgets.Text(value=option.default, **common)
 
 
 def adaptable_modules(task: wb.Task) -> tuple[list[str], list[str]]:
     """(every adaptable module of ``task.base_model()``, the ones ``task.default_targets`` selects).
 
-    Adaptable: what ``wb.add_adapters`` can wrap (``nn.Linear``, transformers ``Conv1D``), found
-    by adapting one fresh base model (and again with the defaults), so the names and the default
+    Adaptable: what ``wb.add_adapters`` can wrap (``nn.Linear``, transformers ``Conv1D``; tied and
+    shared layers left out), as ``wb.find_targets`` resolves it, so the names and the default
     selection are the library's own.
 
     Raises:
         ValueError: the model has no adaptable module, or the default targets match none.
     """
-    model = task.base_model()
     with torch.random.fork_rng():
-        every = [name for name, _ in wb.adapter_layers(wb.add_adapters(model, "lora", 1))]
-        if task.default_targets is None:
-            return every, every
-        model = wb.add_adapters(wb.remove_adapters(model), "lora", 1, targets=task.default_targets)
-        return every, [name for name, _ in wb.adapter_layers(model)]
+        model = task.base_model()
+    every = list(wb.find_targets(model))
+    chosen = every if task.default_targets is None else list(wb.find_targets(model, task.default_targets))
+    return every, chosen
 
 
 def _remove_if_empty(paths: Sequence[Path]) -> None:
@@ -106,7 +93,7 @@ class _Curves:
         self.name = run.name
         self.points: dict[str, tuple[list[int], list[float]]] = {s: ([], []) for s in SERIES[:3]}
         self.saved: list[int] = []
-        if (run / CONFIG_FILE).exists():
+        if wb.runs.is_run(run):
             metrics = wb.load_metrics(run)
             for series in SERIES[:3]:
                 split, metric = series.split()
@@ -190,11 +177,13 @@ class Workbench(Panel):
     Attributes:
         variant, ranks, alpha, lr, steps, eval_every, save_every, seed, targets: the controls
             (``ranks`` and ``targets`` are multi-selects; ``alpha`` 0 means alpha = rank).
-        options: the variant-specific controls by option name (init, lr_ratio, delta_lambda,
-            delta_start, d_initial), each shown only while its variant is chosen; ``init`` is a
-            Dropdown ("default", or "pissa": adapters start from the top-r SVD of each weight).
+        options: the variant-specific controls by option name, one for every option of every
+            registered variant (``wb.variant_options``), each shown while a variant that has it is
+            chosen, with the option's help as its tooltip (``option_control``); a control left as
+            it was follows the chosen variant's default. ``init`` is a Dropdown ("default", or
+            "pissa": adapters start from the top-r SVD of each weight).
         launch_button, stop_button, status, progress, figure, widget: the rest of the panel;
-            ``figure`` is a ``go.FigureWidget`` with four traces per run, named
+            ``figure`` is a ``go.FigureWidget`` of ``wb.plots.live_runs``: four traces per run, named
             ``"<run> train loss"``, ``"<run> val loss"``, ``"<run> val acc"`` and
             ``"<run> checkpoints"`` (markers on the validation loss at each saved step).
         last_error: the message of the last refused launch or failed run, else None.
@@ -213,11 +202,11 @@ class Workbench(Panel):
         self.runs_dir = Path(runs_dir)
         self.callbacks = list(callbacks)
         self.last_error: str | None = None
-        self._choices = variant_choices()
         modules, chosen = adaptable_modules(self.task)
         self._default_targets = tuple(chosen)
 
-        self.variant = widgets.Dropdown(options=wb.VARIANTS, value=wb.VARIANTS[0], description="variant")
+        variants = wb.variant_names()
+        self.variant = widgets.Dropdown(options=variants, value=variants[0], description="variant")
         self.ranks = widgets.SelectMultiple(options=RANKS, value=(8,), rows=len(RANKS), description="rank(s)")
         self.alpha = widgets.FloatText(value=0.0, description="alpha (0 = rank)", style=_WIDE)
         self.lr = widgets.BoundedFloatText(value=3e-3, min=1e-6, max=1.0, step=1e-4, description="learning rate",
@@ -229,19 +218,17 @@ class Workbench(Panel):
         self.seed = widgets.BoundedIntText(value=0, min=0, max=2**31 - 1, description="seed")
         self.targets = widgets.SelectMultiple(options=modules, value=tuple(chosen), rows=min(len(modules), 8),
                                               description="targets", layout=widgets.Layout(width="auto"))
-        defaults = {name: value for _, options in self._choices.values() for name, value in options.items()}
-        self.options = {name: _option_control(name, value) for name, value in defaults.items()}
+        first: dict[str, wb.adapters.Option] = {}  # each option as the first variant that has it defines it
+        for variant in variants:
+            for name, option in wb.variant_options(variant).items():
+                first.setdefault(name, option)
+        self.options = {name: option_control(name, option) for name, option in first.items()}
+        self._untouched = {name: option.default for name, option in first.items()}  # each control's value unedited
         self.launch_button = widgets.Button(description="Launch", button_style="primary", icon="play")
         self.stop_button = widgets.Button(description="Stop", button_style="warning", icon="stop", disabled=True)
         self.status = widgets.HTML(value="Choose the settings and press Launch.")
         self.progress = widgets.IntProgress(value=0, min=0, max=1, description="progress")
-        self.figure = go.FigureWidget(make_subplots(
-            rows=1, cols=2, subplot_titles=("loss", "validation accuracy")))
-        self.figure.update_layout(template=wb.plots.TEMPLATE, height=400, margin={"t": 70, "b": 40},
-                                  legend_title_text="run", autosize=True,
-                                  title={"text": "thin: training loss, thick: validation, diamonds: checkpoints",
-                                         "font": {"size": 13}})
-        self.figure.update_xaxes(title_text="step")
+        self.figure = go.FigureWidget(wb.plots.live_runs([]))  # a launch puts its runs' traces in (_reset_figure)
 
         settings = widgets.VBox([self.variant, self.alpha, *self.options.values(), self.lr, self.seed])
         schedule = widgets.VBox([self.steps, self.eval_every, self.save_every, self.ranks])
@@ -259,29 +246,34 @@ class Workbench(Panel):
         self._stop_requested = threading.Event()
         self._last_draw = 0.0
         self.variant.observe(lambda _: self._show_variant_controls(), names="value")
-        self.launch_button.on_click(lambda _: self._click(self.launch))
-        self.stop_button.on_click(lambda _: self._click(self.stop))
+        self.launch_button.on_click(catching(self.status, self.launch, self._keep_error))
+        self.stop_button.on_click(catching(self.status, self.stop, self._keep_error))
         self._show_variant_controls()
 
     # -- display ------------------------------------------------------------------------------
 
     def _show_variant_controls(self) -> None:
-        uses_alpha, options = self._choices[self.variant.value]
-        self.alpha.layout.display = "" if uses_alpha else "none"
+        """Show the chosen variant's controls only; one not edited since it was shown takes its default."""
+        variant = self.variant.value
+        self.alpha.layout.display = "" if wb.get_variant(variant).uses_alpha else "none"
+        options = wb.variant_options(variant)
         for name, control in self.options.items():
-            control.layout.display = "" if name in options else "none"
+            option = options.get(name)
+            control.layout.display = "none" if option is None else ""
+            if option is None:
+                continue
+            if isinstance(control, widgets.Dropdown) and tuple(control.options) != option.choices:
+                control.options = option.choices  # another variant's choices
+            edited = control.value != self._untouched[name]
+            if not edited or (option.choices is not None and control.value not in option.choices):
+                control.value = self._untouched[name] = option.default
 
-    def _click(self, action: Callable[[], object]) -> None:
-        """Run a button's action; ipywidgets only logs a handler's exception, so show it in the status line."""
-        try:
-            action()
-        except Exception as error:
-            self.last_error = f"{type(error).__name__}: {error}"
-            self._say(self.last_error, error=True)
+    def _keep_error(self, message: str) -> None:
+        """A button's action failed (``catching`` shows it in the status line): keep it in ``last_error`` too."""
+        self.last_error = message
 
     def _say(self, message: str, error: bool = False) -> None:
-        text = html.escape(message)
-        self.status.value = f"<span style='color:#c0392b'>{text}</span>" if error else text
+        show(self.status, message, error)
 
     # -- state --------------------------------------------------------------------------------
 
@@ -344,14 +336,14 @@ class Workbench(Panel):
         if not self.targets.value:
             raise ValueError("choose at least one target module")
         variant = self.variant.value
-        uses_alpha, defaults = self._choices[variant]
+        uses_alpha = wb.get_variant(variant).uses_alpha
         alpha = float(self.alpha.value)
         if not math.isfinite(alpha) or alpha < 0:
             raise ValueError(f"alpha must be a number > 0, or 0 for alpha = rank; not {alpha!r}")
         targets = [name for name in self.targets.options if name in self.targets.value]  # module order
         # defaults are passed as the library's defaults (None, left out), so the record matches a sweep's
-        options = {name: self.options[name].value for name, default in defaults.items()
-                   if self.options[name].value != default}
+        options = {name: self.options[name].value for name, option in wb.variant_options(variant).items()
+                   if self.options[name].value != option.default}
         settings = {
             "alpha": alpha if uses_alpha and alpha > 0 else None,
             "targets": None if tuple(targets) == self._default_targets else targets,
@@ -373,7 +365,7 @@ class Workbench(Panel):
         runs = []
         try:
             for index, (rank, path) in enumerate(zip(ranks, paths, strict=True)):
-                made += [p for p in (self.runs_dir, path, path / "checkpoints") if not p.exists()]
+                made += [p for p in (self.runs_dir, path, wb.runs.checkpoints_path(path)) if not p.exists()]
                 callback = _LiveCallback(self, index, f"run {index + 1} of {len(ranks)}", curves[index])
                 runs.append(wb.Run(self.task, variant, rank, path, resume=True, progress_bar=False,
                                    callbacks=[callback, *self.callbacks], **settings))
@@ -384,25 +376,13 @@ class Workbench(Panel):
         return runs
 
     def _reset_figure(self) -> None:
-        """One colour and four traces (``SERIES``) per run of this launch, drawn with what is on disk already."""
-        palette = wb.plots.PALETTE
+        """The figure of this launch's runs (``wb.plots.live_runs``), drawn with what is on disk already."""
         with self.figure.batch_update():
-            self.figure.data = ()
-            for index, curves in enumerate(self._curves):
-                color, run = palette[index % len(palette)], curves.name
-                styles = {  # series -> (subplot column, trace style)
-                    "train loss": (1, {"mode": "lines", "opacity": 0.45, "line": {"color": color, "width": 1}}),
-                    "val loss": (1, {"mode": "lines", "line": {"color": color, "width": 2.5}, "showlegend": True}),
-                    "val acc": (2, {"mode": "lines", "line": {"color": color, "width": 2.5}}),
-                    "checkpoints": (1, {"mode": "markers", "marker": {"color": color, "size": 9, "symbol": "diamond"}}),
-                }
-                for series in SERIES:
-                    col, style = styles[series]
-                    self.figure.add_scatter(name=f"{run} {series}", legendgroup=run, row=1, col=col,
-                                            **{"showlegend": False, **style})
+            redraw(self.figure, wb.plots.live_runs([curves.name for curves in self._curves]))
             self._draw(range(len(self._curves)))
 
     def _draw(self, indices: Sequence[int] | range) -> None:
+        """Set the x and y of the runs' traces in place (``live_runs``' order: ``SERIES`` for each run in turn)."""
         with self.figure.batch_update():
             for index in indices:
                 curves = self._curves[index]
@@ -423,7 +403,7 @@ class Workbench(Panel):
                     outcomes.append(("finished", f"{name} already finished"))
                 elif self._stop_requested.is_set():
                     outcomes.append(("not started", f"{name} not started"))
-                    _remove_if_empty([run.path, run.path / "checkpoints"])
+                    _remove_if_empty([run.path, wb.runs.checkpoints_path(run.path)])
                 else:
                     self._current = run
                     outcomes.append(self._outcome(name, run.fit()))
@@ -492,5 +472,5 @@ class Workbench(Panel):
             thread.join(timeout)
             if thread.is_alive():
                 raise TimeoutError(f"the launch is still training after {timeout} s")
-        tables = [wb.load_runs(path) for path in self._paths if (path / CONFIG_FILE).exists()]
+        tables = [wb.load_runs(path) for path in self._paths if wb.runs.is_run(path)]
         return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .runs import Run
-from .tasks import Task
+from ..tasks import Task
+from .run import Run
 
 EXECUTORS = ("local", "ray")
 RETRIES = 3  # times Ray runs a trial again after its worker died; each retry resumes from a checkpoint

@@ -11,10 +11,10 @@ from typing import Any
 
 import pandas as pd
 
-from .adapters import VARIANTS
+from ..adapters import variant_names
+from ..tasks import Task
 from .executors import EXECUTORS, Trial, run_local, run_on_ray
-from .runs import load_runs
-from .tasks import Task
+from .tables import load_runs
 
 
 def trial_name(variant: str, rank: int, lr: float, seed: int, init: str = "default") -> str:
@@ -33,7 +33,7 @@ def _choices(name: str, values: Sequence[Any]) -> list[Any]:
 
 def sweep(
     task: str | Task,
-    variants: Sequence[str] = VARIANTS,
+    variants: Sequence[str] | None = None,
     ranks: Sequence[int] = (2, 8),
     steps: int = 300,
     out: str | os.PathLike[str] = "runs",
@@ -61,9 +61,10 @@ def sweep(
     The workers write to ``out`` (made absolute here: on a cluster, a directory every node
     sees), so ``wb.load_runs``, the report and the panels show the trials while they run. A
     trial whose worker dies is retried by Ray from its newest checkpoint (see
-    ``workbench.executors``). Ray is imported only here, for ``executor="ray"``.
+    ``workbench.runs.executors``). Ray is imported only here, for ``executor="ray"``.
 
     Args:
+        variants: default every registered variant (``wb.VARIANTS``, read when the sweep starts).
         lrs: learning rates; default ``[settings.get("lr", 3e-3)]``.
         seeds: default ``[0]``.
         executor: "local" (default: one trial after another, in this process) or "ray".
@@ -80,14 +81,16 @@ def sweep(
             ``executor="local"``; any setting a ``wb.Run`` refuses (checked on the first trial
             before it trains).
         TypeError: variants, ranks, lrs or seeds given as one value (``"lora"``) instead of a list.
-        workbench.executors.MissingExtraError: ``executor="ray"`` without Ray installed (an ImportError).
+        workbench.runs.executors.MissingExtraError: ``executor="ray"`` without Ray installed (an ImportError).
     """
-    variants, ranks = _choices("variants", variants), _choices("ranks", ranks)
+    names = variant_names()
+    variants = _choices("variants", names if variants is None else variants)
+    ranks = _choices("ranks", ranks)
     lrs = _choices("lrs", lrs) if lrs is not None else None
     seeds = _choices("seeds", seeds) if seeds is not None else None
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants if v not in names]
     if unknown:
-        raise ValueError(f"unknown variant {unknown[0]!r}; valid variants: {', '.join(VARIANTS)}")
+        raise ValueError(f"unknown variant {unknown[0]!r}; valid variants: {', '.join(names)}")
     if search not in ("grid", "random"):
         raise ValueError(f"search must be 'grid' or 'random', not {search!r}")
     if executor not in EXECUTORS:

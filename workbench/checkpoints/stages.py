@@ -1,0 +1,12 @@
+"""The stage labels a checkpoint can carry: steps of a run worth keeping whatever retention says.
+
+A staged checkpoint is never pruned (``CheckpointManager``); the run layer and the panels list
+the stages beside the step. These are the stages the workbench writes itself; a caller may label
+a checkpoint with any other string.
+"""
+
+SVD_INIT = "svd-init"  # step 0 of a run whose adapters start from the SVD of W (init="pissa"), validated
+FINETUNED = "finetuned"  # the last checkpoint of a finished fit
+RANK_REDUCED = "rank-reduced"  # a checkpoint whose adapters wb.reduce_checkpoint truncated to a lower rank
+
+STAGES: tuple[str, ...] = (SVD_INIT, FINETUNED, RANK_REDUCED)

@@ -1,0 +1,53 @@
+"""Runs: one directory per training run, and every table and choice derived from those directories.
+
+- ``layout``: what a run directory holds (config.json's schema, metrics.jsonl, checkpoints/) and
+  the model its settings rebuild;
+- ``run``: ``Run`` and ``train``, which write one;
+- ``tables``: ``load_runs``, ``load_metrics``, ``load_checkpoints``, ``best_checkpoint``, which read them;
+- ``operations``: what is done to a run's checkpoints (load, evaluate, export, delete, reduce, spectra);
+- ``sweep`` and ``executors``: many runs, in this process or on Ray.
+"""
+
+from .layout import CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, RunRecord, RunSettings, checkpoints_path, is_run
+from .operations import (
+    delete_checkpoint,
+    effective_rank,
+    evaluate_checkpoint,
+    evaluate_checkpoints,
+    export_checkpoint,
+    load_run_model,
+    reduce_checkpoint,
+    spectrum,
+    spectrum_over_checkpoints,
+)
+from .run import Run, train
+from .sweep import sweep, trial_name
+from .tables import best_checkpoint, load_checkpoints, load_metrics, load_runs, run_settings
+
+__all__ = [
+    "CHECKPOINTS_DIR",
+    "CONFIG_FILE",
+    "METRICS_FILE",
+    "Run",
+    "RunRecord",
+    "RunSettings",
+    "best_checkpoint",
+    "checkpoints_path",
+    "delete_checkpoint",
+    "effective_rank",
+    "evaluate_checkpoint",
+    "evaluate_checkpoints",
+    "export_checkpoint",
+    "is_run",
+    "load_checkpoints",
+    "load_metrics",
+    "load_run_model",
+    "load_runs",
+    "reduce_checkpoint",
+    "run_settings",
+    "spectrum",
+    "spectrum_over_checkpoints",
+    "sweep",
+    "train",
+    "trial_name",
+]

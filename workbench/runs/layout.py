@@ -1,0 +1,227 @@
+"""What a run directory holds: its files, the schema of its record, and the model it rebuilds.
+
+A run directory is the one source of truth of a run::
+
+    config.json      RunRecord: the settings, and how the run ended (status, steps done, test metrics)
+    metrics.jsonl    every logged value (``workbench.metrics_log``)
+    checkpoints/     step-XXXXXXXX/ checkpoints (``wb.CheckpointManager``)
+
+Everything that reads or writes these paths or the record goes through this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, TypedDict
+
+import torch
+from torch import nn
+
+from ..adapt import add_adapters
+from ..adapters import get_variant
+from ..checkpoints import stages
+from ..checkpoints.files import write_json
+from ..selection import resolve_mode
+from ..tasks import TASKS, Task, get_task
+from ..trainer import check_seed
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS_DIR = "checkpoints"
+STATUSES = ("running", "finished", "stopped", "diverged", "failed", stages.RANK_REDUCED)
+
+
+class RunSettings(TypedDict):
+    """How a run was asked for, every default made explicit (``resolve_settings``): its recipe."""
+
+    task: str
+    variant: str
+    rank: int
+    alpha: float | None  # None only for variants without alpha (vera)
+    targets: list[str] | None  # None: every adaptable layer
+    train: list[str] | None  # modules trained in full next to the adapters (add_adapters(train=...)); None: none
+    options: dict[str, Any]  # every option of the variant
+    lr: float
+    optimizer: str
+    steps: int
+    eval_every: int
+    save_every: int
+    seed: int
+    batch_size: int
+    keep_last: int | None
+    keep_best: int | None
+    monitor: str
+    mode: str
+    # the trainer's (``wb.Trainer``); a record from before them has none, read as these defaults
+    schedule: str  # "constant", "linear" or "cosine"
+    warmup_steps: int
+    max_grad_norm: float | None  # None: no clipping
+    accumulate: int  # micro-batches per optimizer step
+    precision: str  # "float32" or "bf16"
+    eval_batches: int | None  # None: validate on the whole split
+
+
+class RunRecord(TypedDict, total=False):
+    """config.json. ``settings`` and ``status`` are always there; the rest as the run got to them."""
+
+    settings: RunSettings
+    status: str  # one of STATUSES
+    message: str  # why it stopped, when it did not finish
+    trainable: int  # trainable parameters
+    saved_bytes: int | None  # bytes autograd saves for backward on one training batch
+    started: str  # ISO 8601, UTC
+    wall_time: float  # seconds of fit(), summed over resumes
+    steps_done: int
+    processes: int  # data-parallel processes, when more than one trained it
+    test: dict[str, Any]  # the test metrics of the checkpoint validation chose, with its name and step
+    reduced_from: str  # rank-reduced runs: the source checkpoint
+    reduction: dict[str, Any]  # rank-reduced runs: the rank or energy asked, and the per-layer table
+
+
+TRAINER_DEFAULTS = {"train": None, "schedule": "constant", "warmup_steps": 0, "max_grad_norm": None,
+                    "accumulate": 1, "precision": "float32", "eval_batches": None}  # what a record without them means
+REQUIRED_SETTINGS = ("task", "variant", "rank", "alpha", "targets", "options", "lr", "seed", "steps", "monitor",
+                     "mode")
+
+
+def config_path(run: str | os.PathLike[str]) -> Path:
+    """The run's record, ``<run>/config.json``."""
+    return Path(run) / CONFIG_FILE
+
+
+def metrics_path(run: str | os.PathLike[str]) -> Path:
+    """The run's metrics log, ``<run>/metrics.jsonl``."""
+    return Path(run) / METRICS_FILE
+
+
+def checkpoints_path(run: str | os.PathLike[str]) -> Path:
+    """The run's checkpoint directory, ``<run>/checkpoints`` (a ``wb.CheckpointManager``'s)."""
+    return Path(run) / CHECKPOINTS_DIR
+
+
+def is_run(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a run directory (it has a config.json)."""
+    return config_path(Path(path)).exists()
+
+
+def read_record(run: Path) -> RunRecord:
+    """A run's config.json, checked to be a record with its settings.
+
+    Raises:
+        ValueError: no config.json, or one that is not a run record (cut short, edited, another file).
+    """
+    path = config_path(run)
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{run} is not a run directory ({CONFIG_FILE} is missing)") from None
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: not readable as JSON ({error})") from None
+    settings = record.get("settings") if isinstance(record, dict) else None
+    missing = [key for key in REQUIRED_SETTINGS if not isinstance(settings, dict) or key not in settings]
+    if missing:
+        raise ValueError(f"{path}: not a run record (its settings lack {', '.join(missing)})")
+    return record
+
+
+def write_record(run: Path, record: RunRecord) -> None:
+    """Write config.json atomically, as strict JSON."""
+    write_json(config_path(run), record)
+
+
+def run_directories(directory: str | os.PathLike[str]) -> list[Path]:
+    """``[directory]`` if it is a run, else the runs in it, by name.
+
+    Raises:
+        ValueError: ``directory`` is neither a run nor a directory.
+    """
+    path = Path(directory)
+    if is_run(path):
+        return [path]
+    if not path.is_dir():
+        raise ValueError(f"{path}: no such directory")
+    return sorted(p for p in path.iterdir() if is_run(p))
+
+
+def records(directory: str | os.PathLike[str]) -> list[tuple[Path, RunRecord]]:
+    """(run directory, record) of the run ``directory`` is, or of every run in it, in name order.
+
+    In a directory of runs, a run whose config.json cannot be read is left out with a warning,
+    so one damaged run never hides the others; the run asked for by name raises instead.
+
+    Raises:
+        ValueError: no such directory, or ``directory`` is a run whose record is unreadable.
+    """
+    if is_run(directory):
+        return [(Path(directory), read_record(Path(directory)))]
+    found = []
+    for run in run_directories(directory):
+        try:
+            found.append((run, read_record(run)))
+        except ValueError as error:
+            warnings.warn(f"skipping run {run.name}: {error}", stacklevel=3)
+    return found
+
+
+def run_of(checkpoint: Path) -> Path:
+    """The run directory a checkpoint belongs to (``<run>/checkpoints/step-...``).
+
+    Raises:
+        ValueError: the checkpoint is not inside a run directory.
+    """
+    run = checkpoint.parent.parent
+    if checkpoint.parent.name != CHECKPOINTS_DIR or not is_run(run):
+        raise ValueError(f"{checkpoint} is not a checkpoint of a run directory (no {CONFIG_FILE} two levels up)")
+    return run
+
+
+def task_of(settings: RunSettings, task: Task | None = None) -> Task:
+    """The task a run trained on: ``task`` if given (it must have the recorded name), else the built-in one.
+
+    Raises:
+        ValueError: the run's task is not built in and none was given, or ``task`` has another name.
+    """
+    name = settings["task"]
+    if task is not None:
+        if task.name != name:
+            raise ValueError(f"the run was trained on task {name!r}, not {task.name!r}: pass the task it used")
+        return task
+    if name not in TASKS:
+        raise ValueError(f"the run was trained on task {name!r}, which is not built in ({', '.join(TASKS)}): pass "
+                         "that wb.tasks.Task as task=... to rebuild its model and data")
+    return get_task(name)
+
+
+def resolve_settings(task: Task, settings: dict[str, Any]) -> RunSettings:
+    """Settings with every default made explicit, so that two ways of asking for one run compare equal.
+
+    alpha None becomes the rank (for variants scaled by alpha / r), the variant's options get their
+    defaults, targets None the task's default targets, mode None the monitor's (``wb.selection``),
+    and trainer settings a record from before them lacks their defaults (``TRAINER_DEFAULTS``).
+
+    Raises:
+        ValueError: an unknown variant or option, an invalid option value, a bad seed or mode.
+    """
+    variant = get_variant(settings["variant"])
+    alpha = settings["alpha"]
+    if alpha is None and variant.uses_alpha and isinstance(settings["rank"], int):
+        alpha = float(settings["rank"])
+    targets = settings["targets"]
+    if targets is None and task.default_targets is not None:
+        targets = list(task.default_targets)
+    check_seed(settings["seed"])
+    return {**TRAINER_DEFAULTS, **settings, "alpha": alpha, "targets": targets,
+            "options": variant.resolve_options(settings["options"]),
+            "mode": resolve_mode(settings["monitor"], settings.get("mode"))}
+
+
+def build_model(task: Task, settings: RunSettings) -> nn.Module:
+    """The run's adapted model before training: the task's base, adapted as the settings say, from the seed."""
+    torch.manual_seed(settings["seed"])
+    model = task.base_model()
+    targets = settings["targets"] if settings["targets"] is not None else task.default_targets
+    return add_adapters(model, settings["variant"], settings["rank"], settings["alpha"], targets,
+                        train=settings.get("train"), **settings["options"])

@@ -1,0 +1,195 @@
+"""Operations on a run's checkpoints: rebuild and load, evaluate, export, delete, reduce, spectra.
+
+Each rebuilds the run's model from its recorded settings (``layout.build_model``) and loads a
+checkpoint into it, so it works on any run directory, also one written by another process.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from torch import nn
+
+from .. import svd
+from ..adapt import trainable_parameters
+from ..checkpoints import CheckpointError, CheckpointManager, stages
+from ..peft_format import export_peft
+from ..svd import match_ranks, reduce_rank
+from ..tasks import Task
+from ..trainer import evaluate
+from .layout import build_model, checkpoints_path, is_run, read_record, run_of, task_of, write_record
+from .tables import checkpoint_table, load_checkpoints
+
+ModelOrCheckpoint = nn.Module | str | os.PathLike[str]
+
+
+def load_run_model(checkpoint: str | os.PathLike[str], task: Task | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a run's adapted model and load ``checkpoint`` into it; returns (model, progress).
+
+    A checkpoint written after ``wb.reduce_rank`` loads too: the rebuilt layers take its ranks first.
+    ``task``: the run's task when it is not a built-in one (a ``wb.tasks.Task`` of the recorded name).
+
+    Raises:
+        ValueError: not a checkpoint of a run, or a run of a task that is not built in and not given.
+        CheckpointError: the checkpoint fails verification or does not fit the rebuilt model.
+    """
+    checkpoint = Path(checkpoint)
+    settings = read_record(run_of(checkpoint))["settings"]
+    task = task_of(settings, task)
+    model = match_ranks(build_model(task, settings), checkpoint)  # a rank-reduced checkpoint's shapes
+    return model, CheckpointManager(checkpoint.parent).load(checkpoint, model)
+
+
+def evaluate_checkpoints(run: str | os.PathLike[str], split: str = "val", task: Task | None = None) -> pd.DataFrame:
+    """Evaluate every checkpoint of a run again on ``split``: step, path, stage, <split>_loss, <split>_acc."""
+    run = Path(run)
+    settings = read_record(run)["settings"]
+    task = task_of(settings, task)
+    loader = task.loaders(settings["seed"])[split]
+    rows = []
+    for _, row in checkpoint_table(run).iterrows():
+        model, _ = load_run_model(row["path"], task)
+        rows.append({"step": row["step"], "path": row["path"], "stage": row["stage"],
+                     **evaluate(model, loader, task.loss, task.counts, split)})
+    return pd.DataFrame(rows)
+
+
+def export_checkpoint(checkpoint: str | os.PathLike[str], to: str | os.PathLike[str], format: str = "peft",
+                      task: Task | None = None) -> Path:
+    """Export a run's checkpoint as an adapter another tool loads; only ``format="peft"`` for now."""
+    if format != "peft":
+        raise ValueError(f"unknown export format {format!r}; valid formats: peft")
+    model, _ = load_run_model(checkpoint, task)
+    return export_peft(model, to)
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike[str], split: str = "val", task: Task | None = None
+                        ) -> dict[str, float]:
+    """Load a run's checkpoint into a fresh model and measure it on ``split`` of the run's data.
+
+    Returns ``{"<split>_loss", "<split>_acc"}``, as ``wb.evaluate``; the same numbers as the
+    checkpoint's row of ``evaluate_checkpoints(run, split)``.
+
+    Raises:
+        ValueError: ``checkpoint`` is not a checkpoint of a run directory, or an unknown split.
+    """
+    checkpoint = Path(checkpoint)
+    settings = read_record(run_of(checkpoint))["settings"]
+    task = task_of(settings, task)
+    loaders = task.loaders(settings["seed"])
+    if split not in loaders:
+        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(loaders)}")
+    model, _ = load_run_model(checkpoint, task)
+    return evaluate(model, loaders[split], task.loss, task.counts, split)
+
+
+def delete_checkpoint(checkpoint: str | os.PathLike[str]) -> None:
+    """Delete one checkpoint directory of a run (``CheckpointManager.delete``), then release the lock.
+
+    Raises:
+        CheckpointError: another process or run is writing checkpoints there (holds the lock),
+            or ``checkpoint`` is not a checkpoint of its directory.
+    """
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_dir():
+        raise CheckpointError(f"{checkpoint}: no such checkpoint")
+    manager = CheckpointManager(checkpoint.parent)
+    try:
+        manager.delete(checkpoint)
+    finally:
+        manager.close()
+
+
+def reduce_checkpoint(
+    checkpoint: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    rank: int | None = None,
+    energy: float | None = None,
+    task: Task | None = None,
+) -> tuple[Path, pd.DataFrame]:
+    """Reduce a run's checkpoint to a lower rank (``wb.reduce_rank``) and keep it as a run of its own.
+
+    ``out`` becomes a run directory whose ``config.json`` holds the source run's settings (the
+    recipe its model is built by: rank, alpha and init as trained, so a PiSSA residual is rebuilt
+    the same), ``status`` "rank-reduced", ``reduced_from`` and the per-layer table; its one
+    checkpoint, at the source's step with stage "rank-reduced", holds the reduced adapters (no
+    optimizer state: the factors are new tensors) and their validation metrics, and the record
+    has their test metrics, so the runs table compares it with the run it came from.
+
+    Returns:
+        (the new checkpoint's path, ``reduce_rank``'s per-layer table).
+
+    Raises:
+        ValueError: ``out`` holds a run already, ``checkpoint`` is not a run's, or a bad
+            rank / energy (see ``wb.reduce_rank``); nothing is written then.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; the reduced checkpoint is kept as a run directory: give a new directory")
+    if is_run(out):
+        raise ValueError(f"{out} holds a run already; choose another directory for the reduced checkpoint")
+    source = read_record(run_of(Path(checkpoint)))
+    settings = source["settings"]
+    task = task_of(settings, task)
+    model, progress = load_run_model(checkpoint, task)
+    table = reduce_rank(model, rank=rank, energy=energy)
+    loaders = task.loaders(settings["seed"])
+    metrics = evaluate(model, loaders["val"], task.loss, task.counts, "val")
+    out.mkdir(parents=True, exist_ok=True)
+    with CheckpointManager(checkpoints_path(out), monitor=settings["monitor"], mode=settings["mode"],
+                           run_config=settings) as manager:
+        path = manager.save(progress["step"], model, metrics=metrics, stage=stages.RANK_REDUCED)
+    write_record(out, {
+        "settings": settings, "status": stages.RANK_REDUCED, "reduced_from": str(Path(checkpoint).resolve()),
+        "reduction": {"rank": rank, "energy": energy, "layers": table.to_dict("records")},
+        "trainable": trainable_parameters(model), "steps_done": progress["step"], "wall_time": 0.0,
+        "test": {"checkpoint": path.name, "step": progress["step"],
+                 **evaluate(model, loaders["test"], task.loss, task.counts, "test")},
+    })
+    return path, table
+
+
+def _model_of(model_or_checkpoint: ModelOrCheckpoint, task: Task | None) -> nn.Module:
+    if isinstance(model_or_checkpoint, nn.Module):
+        return model_or_checkpoint
+    return load_run_model(model_or_checkpoint, task)[0]
+
+
+def spectrum(model_or_checkpoint: ModelOrCheckpoint, task: Task | None = None) -> pd.DataFrame:
+    """``workbench.svd.spectrum`` of an adapted model, or of a run's checkpoint (loaded with ``load_run_model``,
+    ``task`` as there)."""
+    return svd.spectrum(_model_of(model_or_checkpoint, task))
+
+
+def effective_rank(spectrum_or_model: pd.DataFrame | ModelOrCheckpoint, energy: float = 0.9,
+                   task: Task | None = None) -> pd.Series:
+    """``workbench.svd.effective_rank`` of a spectrum table, an adapted model, or a run's checkpoint."""
+    if isinstance(spectrum_or_model, pd.DataFrame):
+        return svd.effective_rank(spectrum_or_model, energy)
+    svd.check_energy(energy)
+    return svd.effective_rank(_model_of(spectrum_or_model, task), energy)
+
+
+def spectrum_over_checkpoints(run: str | os.PathLike[str], energy: float = 0.9,
+                              task: Task | None = None) -> pd.DataFrame:
+    """Every layer's effective rank at every checkpoint of a run (or of every run in a directory).
+
+    Each checkpoint is loaded into a rebuilt model with ``load_run_model``.
+
+    Returns:
+        Columns run, step, stage, layer, effective_rank (see ``wb.effective_rank``); one row per
+        checkpoint and layer, oldest checkpoint first. Draw it with
+        ``wb.plots.effective_rank_over_checkpoints``.
+    """
+    energy = svd.check_energy(energy)
+    rows = []
+    for _, checkpoint in load_checkpoints(run).iterrows():
+        model, _ = load_run_model(checkpoint["path"], task)
+        for layer, rank in svd.effective_rank(model, energy).items():
+            stage = checkpoint["stage"] if isinstance(checkpoint["stage"], str) else None
+            rows.append({"run": checkpoint["run"], "step": int(checkpoint["step"]), "stage": stage,
+                         "layer": layer, "effective_rank": int(rank)})
+    return pd.DataFrame(rows, columns=["run", "step", "stage", "layer", "effective_rank"])

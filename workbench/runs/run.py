@@ -1,0 +1,207 @@
+"""``Run``: one training run of a variant at a rank on a task, written to its own directory."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..adapt import trainable_parameters
+from ..checkpoints import CheckpointManager
+from ..memory import saved_activations
+from ..targets import target_patterns
+from ..tasks import Task, get_task
+from ..trainer import Callback, Trainer, autocast, evaluate
+from .layout import (
+    RunRecord,
+    build_model,
+    checkpoints_path,
+    is_run,
+    metrics_path,
+    read_record,
+    resolve_settings,
+    write_record,
+)
+
+
+class Run:
+    """One training run of a variant at a rank on a task, written to its own directory.
+
+    ``Run(...)`` checks every setting and builds the adapted model; ``fit()`` trains it and
+    records the outcome; ``stop()`` (from any thread) ends it with a checkpoint. A run
+    directory that exists already is resumed with ``resume=True`` (skipped if finished) and
+    refused otherwise.
+
+    Args:
+        task: a task name (``wb.tasks.TASKS``) or a ``wb.tasks.Task``.
+        variant, rank, alpha, targets, train, **options: as for ``wb.add_adapters``; targets default
+            to the task's.
+        out: the run directory.
+        lr, optimizer: see ``wb.make_optimizer``.
+        steps, eval_every, save_every, seed, callbacks, progress_bar: see ``wb.Trainer``.
+        schedule, warmup_steps, max_grad_norm, accumulate, precision, eval_batches: see ``wb.Trainer``
+            (e.g. ``schedule="cosine", warmup_steps=30, max_grad_norm=1.0, accumulate=4``); recorded
+            in the settings like the others, so a resume with other values is refused. The test
+            metrics are measured in the run's precision too.
+        keep_last, keep_best, monitor, mode: see ``wb.CheckpointManager``; the mode is inferred from the
+            monitor's name when not given (``"max"`` for ``val_acc``).
+        process_group, device: data-parallel training (see ``wb.Trainer``): every process of the
+            group makes the same ``Run`` and calls ``fit``; only rank 0 writes the directory.
+    """
+
+    def __init__(
+        self,
+        task: str | Task,
+        variant: str,
+        rank: int,
+        out: str | os.PathLike[str],
+        *,
+        alpha: float | None = None,
+        targets: str | Sequence[str] | None = None,
+        train: str | Sequence[str] | None = None,
+        lr: float = 3e-3,
+        optimizer: str = "adamw",
+        steps: int = 300,
+        eval_every: int = 50,
+        save_every: int = 50,
+        seed: int = 0,
+        keep_last: int | None = None,
+        keep_best: int | None = None,
+        monitor: str = "val_loss",
+        mode: str | None = None,
+        resume: bool = False,
+        callbacks: Sequence[Callback] = (),
+        progress_bar: bool = True,
+        process_group: dist.ProcessGroup | None = None,
+        device: torch.device | str | None = None,
+        schedule: str = "constant",
+        warmup_steps: int = 0,
+        max_grad_norm: float | None = None,
+        accumulate: int = 1,
+        precision: str = "float32",
+        eval_batches: int | None = None,
+        **options: Any,
+    ) -> None:
+        self.task = get_task(task) if isinstance(task, str) else task
+        self.path = Path(out)
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"{self.path} is a file; a run needs a directory (a new one, or a run's to resume)")
+        self.settings = resolve_settings(self.task, {
+            "task": self.task.name, "variant": variant, "rank": rank, "alpha": alpha,
+            "targets": target_patterns(targets), "train": target_patterns(train, what="train"),
+            "options": options, "lr": lr, "optimizer": optimizer, "steps": steps, "eval_every": eval_every,
+            "save_every": save_every, "seed": seed, "batch_size": self.task.batch_size,
+            "keep_last": keep_last, "keep_best": keep_best, "monitor": monitor, "mode": mode,
+            "schedule": schedule, "warmup_steps": warmup_steps, "max_grad_norm": max_grad_norm,
+            "accumulate": accumulate, "precision": precision, "eval_batches": eval_batches,
+        })
+        self.record: RunRecord = {}
+        self.resume = resume
+        if is_run(self.path):
+            self.record = read_record(self.path)
+            if not resume:
+                raise ValueError(f"{self.path} holds a run already; resume it (resume=True, --resume) or choose "
+                                 "another directory")
+            there = resolve_settings(self.task, self.record["settings"])
+            changed = [f"{k}: {there.get(k)!r} there, {v!r} here"
+                       for k, v in self.settings.items() if there.get(k) != v]
+            if changed:
+                raise ValueError(f"{self.path} holds a different run; it differs in " + "; ".join(changed))
+        made = [p for p in (checkpoints_path(self.path), self.path, *self.path.parents) if not p.exists()]
+        try:
+            self.model = build_model(self.task, self.settings)
+            self.checkpoints = CheckpointManager(checkpoints_path(self.path), keep_last, keep_best,
+                                                 self.settings["monitor"], self.settings["mode"],
+                                                 run_config=self.settings)
+            self.trainer = Trainer(self.model, self.task, lr=lr, optimizer=optimizer, steps=steps,
+                                   eval_every=eval_every, save_every=save_every, checkpoints=self.checkpoints,
+                                   metrics_log=metrics_path(self.path), seed=seed, callbacks=callbacks,
+                                   progress_bar=progress_bar, monitor=monitor, process_group=process_group,
+                                   device=device, schedule=schedule, warmup_steps=warmup_steps,
+                                   max_grad_norm=max_grad_norm, accumulate=accumulate, precision=precision,
+                                   eval_batches=eval_batches)
+        except BaseException:
+            _remove_empty(made)  # a rejected run leaves nothing behind
+            raise
+
+    @property
+    def finished(self) -> bool:
+        return self.record.get("status") == "finished"
+
+    def stop(self) -> None:
+        """End a running ``fit`` safely: a checkpoint is saved first. Safe from any thread."""
+        self.trainer.stop()
+
+    def fit(self) -> dict[str, Any]:
+        """Train (or resume, or skip a finished run) and write the outcome; returns the run's record."""
+        if self.finished:
+            return self.record
+        group, writer = self.trainer.process_group, self.trainer.is_writer
+        if group is not None:
+            dist.barrier(group=group)  # every rank has read the directory before rank 0 changes it
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.record = {
+            "settings": self.settings,
+            "status": "running",
+            "trainable": trainable_parameters(self.model),
+            "saved_bytes": self._saved_bytes() if writer else None,
+            "started": self.record.get("started", datetime.now(UTC).isoformat(timespec="seconds")),
+            "wall_time": self.record.get("wall_time", 0.0),
+        }
+        if group is not None:
+            self.record["processes"] = self.trainer.world_size
+        if writer:
+            write_record(self.path, self.record)
+        start = time.perf_counter()
+        try:
+            status = self.trainer.fit(resume=self.resume)
+        except BaseException as error:
+            self.record.update(status="failed", message=f"{type(error).__name__}: {error}")
+            raise
+        else:
+            self.record.update(status=status, message=self.trainer.message, steps_done=self.trainer.step)
+            if status == "finished" and writer:
+                self.record["test"] = self._test_best()
+        finally:
+            self.record["wall_time"] += time.perf_counter() - start
+            self.checkpoints.close()
+            if writer:
+                write_record(self.path, self.record)
+        return self.record
+
+    def _saved_bytes(self) -> int:
+        """Bytes autograd keeps for backward on one training batch (activation memory), in the run's precision."""
+        inputs, targets = next(iter(self.task.loaders(self.settings["seed"])["train"]))
+        with torch.random.fork_rng(), saved_activations(self.model) as saved, autocast(self.trainer.precision,
+                                                                                         inputs.device):
+            self.task.loss(self.model.train()(inputs), targets)
+        return saved.bytes
+
+    def _test_best(self) -> dict[str, Any]:
+        best = self.checkpoints.best()
+        if best is None:
+            return {}
+        model = build_model(self.task, self.settings)
+        progress = self.checkpoints.load(best, model)
+        loader = self.task.loaders(self.settings["seed"])["test"]
+        return {"checkpoint": best.name, "step": progress["step"],
+                **evaluate(model, loader, self.task.loss, self.task.counts, "test", precision=self.trainer.precision)}
+
+
+def _remove_empty(directories: Sequence[Path]) -> None:
+    """Remove each directory that exists and is empty, deepest first (what a rejected ``Run`` made)."""
+    for directory in sorted(directories, key=lambda p: len(p.parts), reverse=True):
+        if directory.is_dir() and not any(directory.iterdir()):
+            directory.rmdir()
+
+
+def train(task: str | Task, variant: str, rank: int, out: str | os.PathLike[str], **settings: Any) -> Path:
+    """Train one run (see ``Run`` for the settings) and return its directory."""
+    Run(task, variant, rank, out, **settings).fit()
+    return Path(out)

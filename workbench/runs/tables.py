@@ -1,0 +1,122 @@
+"""The tables derived from run directories: runs, metrics, checkpoints, and the best checkpoint.
+
+They only read; every choice of "best" is ``wb.selection``'s, over checkpoints that verify, and
+uses validation metrics only: the test split is measured once, on the checkpoint validation chose.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .. import metrics_log
+from ..checkpoints import CheckpointManager
+from ..selection import best_index, resolve_mode
+from .layout import checkpoints_path, metrics_path, read_record, records, run_directories
+
+
+def checkpoint_table(run: Path) -> pd.DataFrame:
+    """``CheckpointManager.list()`` of a run's checkpoints (none yet: an empty table); creates nothing."""
+    directory = checkpoints_path(run)
+    if not directory.is_dir():
+        return pd.DataFrame(columns=["step", "path", "stage", "size", "created"])
+    return CheckpointManager(directory).list()
+
+
+def load_runs(directory: str | os.PathLike[str]) -> pd.DataFrame:
+    """One row per run under ``directory`` (or for the run ``directory`` is).
+
+    Columns: run, task, variant, rank, alpha, lr, seed, trainable, saved_bytes, steps, steps_done,
+    monitor, best_value, best_step, best_checkpoint (by validation, among checkpoints that pass
+    verification), test_loss and test_acc (measured on that checkpoint), wall_time (seconds),
+    status, path. Runs still going show their checkpoints so far; a run whose config.json is
+    unreadable is left out with a warning.
+    """
+    rows = []
+    for run, record in records(directory):
+        settings = record["settings"]
+        table = checkpoint_table(run)
+        monitor, mode = settings["monitor"], resolve_mode(settings["monitor"], settings.get("mode"))
+        index = best_index(table[monitor], mode) if monitor in table else None
+        best = None if index is None else table.loc[index]
+        test = record.get("test", {})
+        rows.append({
+            "run": run.name, "task": settings["task"], "variant": settings["variant"], "rank": settings["rank"],
+            "alpha": settings["alpha"], "lr": settings["lr"], "seed": settings["seed"],
+            "trainable": record.get("trainable"), "saved_bytes": record.get("saved_bytes"),
+            "steps": settings["steps"],
+            "steps_done": record.get("steps_done", int(table["step"].max()) if len(table) else 0),
+            "monitor": monitor, "best_value": None if best is None else float(best[monitor]),
+            "best_step": None if best is None else int(best["step"]),
+            "best_checkpoint": None if best is None else best["path"],
+            "test_loss": test.get("test_loss"), "test_acc": test.get("test_acc"),
+            "wall_time": record.get("wall_time"), "status": record.get("status"), "path": str(run),
+        })
+    return pd.DataFrame(rows)
+
+
+def load_metrics(run_or_directory: str | os.PathLike[str]) -> pd.DataFrame:
+    """Every logged metric in long format: run, step, split, metric, value (see ``workbench.metrics_log``)."""
+    frames = []
+    for run, _ in records(run_or_directory):
+        entries = metrics_log.read(metrics_path(run))
+        if entries:
+            frame = pd.DataFrame(entries)
+            frame.insert(0, "run", run.name)
+            frames.append(frame[["run", "step", "split", "metric", "value"]])
+    if not frames:
+        return pd.DataFrame(columns=["run", "step", "split", "metric", "value"])
+    return pd.concat(frames, ignore_index=True)
+
+
+def best_checkpoint(run_or_directory: str | os.PathLike[str], metric: str = "val_loss",
+                    mode: str | None = None) -> Path:
+    """The path of the best checkpoint by a validation ``metric``, over one run or every run in a directory.
+
+    ``mode`` ("min" or "max") defaults to the metric's (``wb.selection.metric_mode``: "max" for
+    val_acc). Only checkpoints that pass verification are candidates.
+
+    Raises:
+        ValueError: ``metric`` is not a validation metric, a bad mode, or no checkpoint has the metric.
+    """
+    if not isinstance(metric, str) or not metric.startswith("val_"):
+        raise ValueError(f"metric must be a validation metric (val_loss, val_acc), not {metric!r}: "
+                         "choosing on training or test data would bias the result")
+    mode = resolve_mode(metric, mode)
+    tables = [checkpoint_table(run) for run, _ in records(run_or_directory)]
+    tables = [t for t in tables if metric in t]
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+    index = best_index(table[metric], mode) if metric in table else None
+    if index is None:
+        raise ValueError(f"no checkpoint under {run_or_directory} records {metric}")
+    return Path(table.loc[index, "path"])
+
+
+def run_settings(run: str | os.PathLike[str]) -> dict[str, Any]:
+    """The settings a run was started with (its config.json ``settings``): task, variant, rank, seed, monitor, mode, ...
+
+    Raises:
+        ValueError: ``run`` is not a run directory.
+    """
+    return dict(read_record(Path(run))["settings"])
+
+
+def load_checkpoints(run_or_directory: str | os.PathLike[str]) -> pd.DataFrame:
+    """Every complete checkpoint of one run, or of every run in a directory: one row each.
+
+    Columns: run, then ``CheckpointManager.list()``'s (step, path, stage, size, created and the
+    recorded metrics such as val_loss, val_acc); runs in name order, each oldest first. Runs
+    still being written show the checkpoints they have so far; nothing is created on disk.
+
+    Raises:
+        ValueError: the path is neither a run nor a directory.
+    """
+    frames = [checkpoint_table(run).assign(run=run.name) for run in run_directories(run_or_directory)]
+    frames = [frame for frame in frames if len(frame)]
+    if not frames:
+        return pd.DataFrame(columns=["run", "step", "path", "stage", "size", "created"])
+    table = pd.concat(frames, ignore_index=True)
+    return table[["run", *(column for column in table.columns if column != "run")]]
