@@ -313,3 +313,24 @@ def test_a_run_trains_a_module_in_full_records_it_and_its_checkpoints_rebuild_it
     assert wb.adapter_config(model).train == ("head",)
     with pytest.raises(ValueError, match=r"differs in train: \['head'\] there, None here"):
         wb.Run("digits", "lora", 2, run, steps=20, targets=["fc1", "fc2"], resume=True, **FAST)
+
+
+def test_checkpoints_are_evaluated_again_in_the_precision_they_were_trained_and_recorded_in(tmp_path):
+    run = wb.train("digits", "lora", 2, tmp_path / "bf16", steps=20, precision="bf16", **FAST)
+    best = wb.best_checkpoint(run)
+    recorded = wb.load_checkpoints(run).set_index("path").loc[str(best), "val_loss"]
+    # recorded in the training process, re-measured on the checkpoint loaded into a rebuilt model: the same
+    # bf16 kernels on the same tensors, so they agree to float rounding of the split's mean (a float32
+    # re-evaluation would differ by bf16's ~3 significant digits)
+    assert wb.evaluate_checkpoint(best)["val_loss"] == pytest.approx(recorded, rel=1e-5)
+
+
+def test_a_record_from_before_the_trainer_settings_existed_reads_with_their_defaults(tmp_path):
+    run = wb.train("digits", "lora", 2, tmp_path / "old", steps=20, **FAST)
+    record = json.loads((run / "config.json").read_text())
+    for key in ("train", "schedule", "warmup_steps", "max_grad_norm", "accumulate", "precision", "eval_batches"):
+        del record["settings"][key]
+    (run / "config.json").write_text(json.dumps(record))
+    assert wb.run_settings(run)["precision"] == "float32" and wb.run_settings(run)["train"] is None
+    assert wb.evaluate_checkpoint(wb.best_checkpoint(run))["val_loss"] > 0
+    assert wb.Run("digits", "lora", 2, run, steps=20, resume=True, **FAST).finished  # the same run, resolved

@@ -124,6 +124,7 @@ def read_record(run: Path) -> RunRecord:
     missing = [key for key in REQUIRED_SETTINGS if not isinstance(settings, dict) or key not in settings]
     if missing:
         raise ValueError(f"{path}: not a run record (its settings lack {', '.join(missing)})")
+    record["settings"] = {**TRAINER_DEFAULTS, **settings}  # a record older than a setting trained with its default
     return record
 
 

@@ -53,7 +53,7 @@ def evaluate_checkpoints(run: str | os.PathLike[str], split: str = "val", task: 
     for _, row in checkpoint_table(run).iterrows():
         model, _ = load_run_model(row["path"], task)
         rows.append({"step": row["step"], "path": row["path"], "stage": row["stage"],
-                     **evaluate(model, loader, task.loss, task.counts, split)})
+                     **evaluate(model, loader, task.loss, task.counts, split, precision=settings["precision"])})
     return pd.DataFrame(rows)
 
 
@@ -83,7 +83,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike[str], split: str = "val", 
     if split not in loaders:
         raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(loaders)}")
     model, _ = load_run_model(checkpoint, task)
-    return evaluate(model, loaders[split], task.loss, task.counts, split)
+    return evaluate(model, loaders[split], task.loss, task.counts, split, precision=settings["precision"])
 
 
 def delete_checkpoint(checkpoint: str | os.PathLike[str]) -> None:
@@ -137,7 +137,7 @@ def reduce_checkpoint(
     model, progress = load_run_model(checkpoint, task)
     table = reduce_rank(model, rank=rank, energy=energy)
     loaders = task.loaders(settings["seed"])
-    metrics = evaluate(model, loaders["val"], task.loss, task.counts, "val")
+    metrics = evaluate(model, loaders["val"], task.loss, task.counts, "val", precision=settings["precision"])
     out.mkdir(parents=True, exist_ok=True)
     with CheckpointManager(checkpoints_path(out), monitor=settings["monitor"], mode=settings["mode"],
                            run_config=settings) as manager:
@@ -147,7 +147,8 @@ def reduce_checkpoint(
         "reduction": {"rank": rank, "energy": energy, "layers": table.to_dict("records")},
         "trainable": trainable_parameters(model), "steps_done": progress["step"], "wall_time": 0.0,
         "test": {"checkpoint": path.name, "step": progress["step"],
-                 **evaluate(model, loaders["test"], task.loss, task.counts, "test")},
+                 **evaluate(model, loaders["test"], task.loss, task.counts, "test",
+                            precision=settings["precision"])},
     })
     return path, table
 
