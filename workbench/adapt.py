@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from .adapters import AdapterLayer, adapter_layers, get_variant, linear_shape
-from .adapters.variant import is_finite_number
+from .checks import is_finite_number
 from .targets import Targets, find_targets, find_trained
 
 _CONFIG = "_workbench_adapter_config"

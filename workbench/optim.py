@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -10,6 +9,7 @@ from torch import nn
 
 from .adapt import AdapterConfig, adapter_config
 from .adapters import adapter_layers, get_variant
+from .checks import is_finite_number
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adamw": torch.optim.AdamW,
@@ -38,7 +38,7 @@ def make_optimizer(model: nn.Module, lr: float, optimizer: str = "adamw", **kwar
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; valid optimizers: {', '.join(OPTIMIZERS)}")
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
+    if not is_finite_number(lr) or lr <= 0:
         raise ValueError(f"lr must be a finite number > 0, not {lr!r}")
     config = _config_or_none(model)
     variant = get_variant(config.variant) if config is not None else None

@@ -21,7 +21,6 @@ forward of each is W x + s B A x. Only safetensors and JSON are read: never a pi
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import warnings
@@ -44,6 +43,7 @@ from .adapters import (
     variant_names,
 )
 from .checkpoints.files import to_json, write_file, write_text
+from .checks import is_finite_number
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -231,7 +231,7 @@ def _field(config: dict[str, Any], key: str, kind: type, default: Any = _REQUIRE
         return default
     value = config[key]
     valid = (isinstance(value, bool) if kind is bool else
-             isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+             is_finite_number(value)
              and (kind is float or float(value).is_integer()))
     if not valid:
         raise ValueError(f"{CONFIG_FILE}: {key}={value!r} is not {'a boolean' if kind is bool else 'a finite number'}")

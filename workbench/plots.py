@@ -17,6 +17,7 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from .adapters import variant_names
+from .checks import is_integer
 from .selection import best_index, direction, metric_mode
 
 METRICS_COLUMNS = ("run", "step", "split", "metric", "value")
@@ -123,7 +124,7 @@ def training_loss(metrics: pd.DataFrame, runs: Sequence[str] | None = None, smoo
     Raises:
         ValueError: ``metrics`` lacks a column, or ``smooth`` is not an integer >= 1.
     """
-    if not isinstance(smooth, int) or isinstance(smooth, bool) or smooth < 1:
+    if not is_integer(smooth) or smooth < 1:
         raise ValueError(f"smooth must be an integer >= 1 (1: no smoothing), not {smooth!r}")
     series = _series(metrics, "train", "loss", runs)
     figure = go.Figure()

@@ -29,6 +29,7 @@ from torch import nn
 from .adapt import adapter_config, replace_config
 from .adapters import AdapterLayer, LoRALinear, adapter_layers, alpha_for_rank, get_variant, svd_factors, variant_names
 from .checkpoints import CheckpointError, read_progress
+from .checks import is_integer, is_number
 
 SPECTRUM_COLUMNS = ("layer", "index", "value", "energy")
 
@@ -74,7 +75,7 @@ def spectrum(model: nn.Module) -> pd.DataFrame:
 
 
 def check_energy(energy: object) -> float:
-    if not isinstance(energy, (int, float)) or isinstance(energy, bool) or not 0 < energy <= 1:
+    if not is_number(energy) or not 0 < energy <= 1:
         raise ValueError(f"energy must be a number in (0, 1], e.g. 0.9, not {energy!r}")
     return float(energy)
 
@@ -130,13 +131,9 @@ def _lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return layers
 
 
-def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _target_ranks(layers: Mapping[str, LoRALinear], rank: int | Mapping[str, int]) -> dict[str, int | None]:
     """Each layer's asked rank (None: keep), checked against its current rank."""
-    if _is_count(rank):
+    if is_integer(rank):
         wanted: dict[str, int | None] = dict.fromkeys(layers, rank)
     elif isinstance(rank, Mapping):
         unknown = [name for name in rank if name not in layers]
@@ -146,7 +143,7 @@ def _target_ranks(layers: Mapping[str, LoRALinear], rank: int | Mapping[str, int
     else:
         raise ValueError(f"rank must be an integer >= 1 or a dict of layer name -> rank, not {rank!r}")
     for name, value in wanted.items():
-        if value is not None and (not _is_count(value) or not 1 <= value <= layers[name].rank):
+        if value is not None and (not is_integer(value) or not 1 <= value <= layers[name].rank):
             raise ValueError(
                 f"rank {value!r} for layer {name!r} is invalid: expected an integer from 1 to its current "
                 f"rank {layers[name].rank}"

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from . import metrics_log
 from .adapt import adapter_config
 from .checkpoints import CheckpointManager, capture_rng, restore_rng, stages
+from .checks import is_finite_number, is_integer
 from .distributed import Replicas, sum_over_ranks, unwrap
 from .optim import make_optimizer
 from .tasks import Task, classification_counts, classification_loss
@@ -175,16 +176,15 @@ class Trainer:
     ) -> None:
         for name, value in (("steps", steps), ("eval_every", eval_every), ("save_every", save_every),
                             ("accumulate", accumulate)):
-            if not _is_int(value) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, not {value!r}")
         check_seed(seed)
         check_schedule(schedule, warmup_steps, steps)
         clip = max_grad_norm
-        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
-                                 or not math.isfinite(clip) or clip <= 0):
+        if clip is not None and (not is_finite_number(clip) or clip <= 0):
             raise ValueError(f"max_grad_norm must be a finite number > 0, or None for no clipping, not {clip!r}")
         check_precision(precision)
-        if eval_batches is not None and (not _is_int(eval_batches) or eval_batches < 1):
+        if eval_batches is not None and (not is_integer(eval_batches) or eval_batches < 1):
             raise ValueError(f"eval_batches must be an integer >= 1, or None for the whole split, not {eval_batches!r}")
         model, process_group, wrapper = unwrap(model, process_group)
         self.model, self.process_group = model, process_group
@@ -526,7 +526,7 @@ def check_schedule(schedule: object, warmup_steps: object, steps: int) -> None:
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; valid schedules: {', '.join(SCHEDULES)}")
-    if not _is_int(warmup_steps) or warmup_steps < 0:
+    if not is_integer(warmup_steps) or warmup_steps < 0:
         raise ValueError(f"warmup_steps must be an integer >= 0, not {warmup_steps!r}")
     if schedule != "constant" and warmup_steps >= steps:
         raise ValueError(f"warmup_steps ({warmup_steps}) must be fewer than steps ({steps}) for schedule "
@@ -572,13 +572,11 @@ def check_seed(seed: object) -> int:
     Raises:
         ValueError: another value, naming the valid range.
     """
-    if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
+    if not is_integer(seed) or not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, not {seed!r}")
     return seed
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _svd_initialised(model: nn.Module) -> bool:

@@ -18,7 +18,6 @@ that file does, before the CLI parser or a panel is built::
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from ..checks import is_finite_number, is_integer, is_number
 from .layer import AdapterLayer
 
 if TYPE_CHECKING:
@@ -86,18 +86,9 @@ class Option:
         return type(self.default)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def is_finite_number(value: Any) -> bool:
-    """Whether ``value`` is an int or float (not a bool) other than NaN, inf and -inf."""
-    return _is_number(value) and math.isfinite(value)
-
-
 def dropout_option(help: str = "dropout probability on the adapter path's input, in training only; "
                    "the base path has none") -> Option:
-    return Option(0.0, lambda p: _is_number(p) and 0 <= p < 1, "a float in [0, 1)", help)
+    return Option(0.0, lambda p: is_number(p) and 0 <= p < 1, "a float in [0, 1)", help)
 
 
 def flag_option(default: bool, help: str) -> Option:
@@ -115,7 +106,7 @@ def positive_option(default: float, help: str) -> Option:
 
 def count_option(default: int, help: str) -> Option:
     return Option(
-        default, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0", help
+        default, lambda v: is_integer(v) and v >= 0, "an integer >= 0", help
     )
 
 

@@ -18,6 +18,7 @@ from filelock import FileLock, Timeout
 from safetensors import SafetensorError
 from torch import nn
 
+from ..checks import is_integer
 from ..selection import ranked, resolve_mode
 from .files import remove_directory, remove_strays, set_aside, write_directory
 from .snapshot import (
@@ -99,7 +100,7 @@ class CheckpointManager:
         run_config: dict[str, Any] | None = None,
     ) -> None:
         for name, value in (("keep_last", keep_last), ("keep_best", keep_best)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            if value is not None and (not is_integer(value) or value < 1):
                 raise ValueError(f"{name} must be None (keep all) or an integer >= 1, not {value!r}")
         if not isinstance(monitor, str) or not monitor:
             raise ValueError(f"monitor must be a metric name such as 'val_loss', not {monitor!r}")
@@ -163,7 +164,7 @@ class CheckpointManager:
                 checkpoints are untouched).
         """
         self._finish_pending()
-        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        if not is_integer(step) or step < 0:
             raise ValueError(f"step must be an integer >= 0, not {step!r}")
         refuse_merged(model)
         self._take_lock()
@@ -310,7 +311,7 @@ class CheckpointManager:
         return order[0]["path"] if order else None
 
     def _resolve(self, path_or_step: int | str | os.PathLike[str]) -> Path:
-        if isinstance(path_or_step, int) and not isinstance(path_or_step, bool):
+        if is_integer(path_or_step):
             return self.path_for(path_or_step)
         return Path(path_or_step)
 

@@ -36,6 +36,7 @@ from torch import nn
 from .._version import __version__
 from ..adapt import adapter_config
 from ..adapters import adapter_layers, get_variant
+from ..checks import is_number
 from .codec import decode, encode, tensor_from_json, tensor_to_json
 from .files import sha256, to_json
 
@@ -399,7 +400,7 @@ def _conforms(value: Any, hint: Any) -> bool:
     if hint is NoneType:
         return value is None
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return is_number(value)
     if hint in (int, str):
         return isinstance(value, hint) and not isinstance(value, bool)
     origin, args = get_origin(hint), get_args(hint)

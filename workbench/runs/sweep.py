@@ -12,6 +12,7 @@ from typing import Any
 import pandas as pd
 
 from ..adapters import variant_names
+from ..checks import is_integer
 from ..tasks import Task
 from .executors import EXECUTORS, Trial, run_local, run_on_ray
 from .tables import load_runs
@@ -98,7 +99,7 @@ def sweep(
     if executor == "local" and (address is not None or cpus_per_trial != 1):
         raise ValueError("address and cpus_per_trial (--address, --cpus-per-trial) are for executor='ray' "
                          "(--executor ray); the local executor runs trials in this process")
-    if not isinstance(cpus_per_trial, int) or isinstance(cpus_per_trial, bool) or cpus_per_trial < 1:
+    if not is_integer(cpus_per_trial) or cpus_per_trial < 1:
         raise ValueError(f"cpus_per_trial must be an integer >= 1, not {cpus_per_trial!r}")
     lrs = list(lrs) if lrs is not None else [settings.pop("lr", 3e-3)]
     settings.pop("lr", None)
