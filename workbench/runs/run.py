@@ -113,7 +113,7 @@ class Run:
                        for k, v in self.settings.items() if there.get(k) != v]
             if changed:
                 raise ValueError(f"{self.path} holds a different run; it differs in " + "; ".join(changed))
-        made = [p for p in (checkpoints_path(self.path), self.path, *self.path.parents) if not p.exists()]
+        self._made = [p for p in (checkpoints_path(self.path), self.path, *self.path.parents) if not p.exists()]
         try:
             self.model = build_model(self.task, self.settings)
             self.checkpoints = CheckpointManager(checkpoints_path(self.path), keep_last, keep_best,
@@ -127,8 +127,18 @@ class Run:
                                    max_grad_norm=max_grad_norm, accumulate=accumulate, precision=precision,
                                    eval_batches=eval_batches)
         except BaseException:
-            _remove_empty(made)  # a rejected run leaves nothing behind
+            self.discard()  # a rejected run leaves nothing behind
             raise
+
+    def discard(self) -> None:
+        """Remove the directories this ``Run`` created while they are still empty, deepest first.
+
+        For a run that is refused or never started; once anything is written there (a record, a
+        checkpoint), its directories stay.
+        """
+        for directory in sorted(self._made, key=lambda p: len(p.parts), reverse=True):
+            if directory.is_dir() and not any(directory.iterdir()):
+                directory.rmdir()
 
     @property
     def finished(self) -> bool:
@@ -192,13 +202,6 @@ class Run:
         loader = self.task.loaders(self.settings["seed"])["test"]
         return {"checkpoint": best.name, "step": progress["step"],
                 **evaluate(model, loader, self.task.loss, self.task.counts, "test", precision=self.trainer.precision)}
-
-
-def _remove_empty(directories: Sequence[Path]) -> None:
-    """Remove each directory that exists and is empty, deepest first (what a rejected ``Run`` made)."""
-    for directory in sorted(directories, key=lambda p: len(p.parts), reverse=True):
-        if directory.is_dir() and not any(directory.iterdir()):
-            directory.rmdir()
 
 
 def train(task: str | Task, variant: str, rank: int, out: str | os.PathLike[str], **settings: Any) -> Path:

@@ -73,15 +73,6 @@ def adaptable_modules(task: wb.Task) -> tuple[list[str], list[str]]:
     return every, chosen
 
 
-def _remove_if_empty(paths: Sequence[Path]) -> None:
-    """Remove the directories in ``paths`` that are empty, last first (children before parents)."""
-    for path in reversed(paths):
-        try:
-            path.rmdir()
-        except OSError:
-            pass
-
-
 class _Curves:
     """What the figure shows of one run: steps and values of each series, and the checkpoint steps.
 
@@ -353,7 +344,7 @@ class Workbench(Panel):
         return ranks, settings
 
     def _build_runs(self) -> list[wb.Run]:
-        """One ``wb.Run`` per chosen rank; on any error, the directories made so far are removed again."""
+        """One ``wb.Run`` per chosen rank; on any error, the directories made so far are removed again (``discard``)."""
         ranks, settings = self._settings()
         if self.runs_dir.exists() and not self.runs_dir.is_dir():
             raise ValueError(f"runs_dir {str(self.runs_dir)!r} is a file, not a directory; choose a directory")
@@ -361,16 +352,15 @@ class Workbench(Panel):
         paths = [self.runs_dir / wb.trial_name(variant, rank, settings["lr"], settings["seed"],
                                                 settings.get("init", "default")) for rank in ranks]
         curves = [_Curves(path) for path in paths]  # read before anything is written
-        made: list[Path] = []
-        runs = []
+        runs: list[wb.Run] = []
         try:
             for index, (rank, path) in enumerate(zip(ranks, paths, strict=True)):
-                made += [p for p in (self.runs_dir, path, wb.runs.checkpoints_path(path)) if not p.exists()]
                 callback = _LiveCallback(self, index, f"run {index + 1} of {len(ranks)}", curves[index])
                 runs.append(wb.Run(self.task, variant, rank, path, resume=True, progress_bar=False,
                                    callbacks=[callback, *self.callbacks], **settings))
         except BaseException:
-            _remove_if_empty(made)
+            for run in reversed(runs):
+                run.discard()
             raise
         self._curves = curves
         return runs
@@ -403,7 +393,7 @@ class Workbench(Panel):
                     outcomes.append(("finished", f"{name} already finished"))
                 elif self._stop_requested.is_set():
                     outcomes.append(("not started", f"{name} not started"))
-                    _remove_if_empty([run.path, wb.runs.checkpoints_path(run.path)])
+                    run.discard()
                 else:
                     self._current = run
                     outcomes.append(self._outcome(name, run.fit()))
