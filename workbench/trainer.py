@@ -27,6 +27,7 @@ from .distributed import Replicas, sum_over_ranks, unwrap
 from .optim import make_optimizer
 from .tasks import Task, classification_counts, classification_loss
 
+MAX_LOG_PERPLEXITY = 700.0  # exp(700) ~ 1e304: a diverged model's perplexity stays a finite float
 RECENT_LOSSES = 50
 MAX_SEED = 2**63 - 1  # torch's generators take seeds that fit 64 bits; seed + rank must too
 SCHEDULES = ("constant", "linear", "cosine")  # the learning-rate schedules (``lr_factor``)
@@ -195,12 +196,14 @@ class Trainer:
         if isinstance(task, Task):
             self.loaders = task.loaders(seed, rank=self.rank, world_size=self.world_size)
             self.loss, self.counts = loss or task.loss, counts or task.counts
+            self.perplexity = task.perplexity
         else:
             missing = {"train", "val"} - set(task)
             if missing:
                 raise ValueError(f"loaders need the splits train and val; missing: {', '.join(sorted(missing))}")
             self.loaders = dict(task)
             self.loss, self.counts = loss or classification_loss, counts or classification_counts
+            self.perplexity = False
         self._forward: nn.Module = model  # what training calls: the model, or its DDP wrapper
         if self._replicas is not None:
             self._forward = wrapper if wrapper is not None else self._replicas.wrap(model)
@@ -394,14 +397,15 @@ class Trainer:
         return inputs.to(self.device), targets.to(self.device)
 
     def evaluate(self, split: str = "val", batches: int | None = None) -> dict[str, float]:
-        """Mean loss and accuracy over a split: ``{"<split>_loss": ..., "<split>_acc": ...}``.
+        """Mean loss and accuracy over a split: ``{"<split>_loss": ..., "<split>_acc": ...}``, and
+        ``"<split>_ppl"`` for a language-model task.
 
         Over its first ``batches`` batches, or (None) all of them; in the trainer's ``precision``.
         """
         if split not in self.loaders:
             raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(self.loaders)}")
         return evaluate(self.model, self.loaders[split], self.loss, self.counts, split, self.device, self.process_group,
-                        batches=batches, precision=self.precision)
+                        batches=batches, precision=self.precision, perplexity=self.perplexity)
 
     def _validate(self, step: int) -> None:
         """Evaluate on "val" (its first ``eval_batches``), log it, tell the callbacks; the monitor must be recorded."""
@@ -467,10 +471,12 @@ def evaluate(
     *,
     batches: int | None = None,
     precision: str = "float32",
+    perplexity: bool = False,
 ) -> dict[str, float]:
     """``{"<split>_loss": L, "<split>_acc": A}`` over every batch of ``loader``, the model in eval mode.
 
-    L = sum_b loss_b * n_b / sum_b n_b, with n_b the targets counted in batch b, and A = correct / counted.
+    L = sum_b loss_b * n_b / sum_b n_b, with n_b the targets counted in batch b, and A = correct / counted;
+    with ``perplexity``, also ``"<split>_ppl"`` = exp(L) (L the mean next-token cross-entropy).
     Under a process group the three sums are reduced over all ranks first. ``batches``: over the
     first so many batches only (None: all); ``precision``: forward and loss under ``autocast(precision)``.
 
@@ -494,7 +500,26 @@ def evaluate(
         totals = sum_over_ranks(totals, process_group, device)
     model.train(was_training)
     loss_sum, correct, counted = totals.tolist()
-    return {f"{split}_loss": loss_sum / max(counted, 1), f"{split}_acc": correct / max(counted, 1)}
+    metrics = {f"{split}_loss": loss_sum / max(counted, 1), f"{split}_acc": correct / max(counted, 1)}
+    if perplexity:
+        metrics[f"{split}_ppl"] = math.exp(min(metrics[f"{split}_loss"], MAX_LOG_PERPLEXITY))
+    return metrics
+
+
+def evaluate_task(model: nn.Module, task: Task, loader: DataLoader, split: str, precision: str = "float32"
+                  ) -> dict[str, float]:
+    """``evaluate`` with the task's loss, counts and perplexity."""
+    return evaluate(model, loader, task.loss, task.counts, split, precision=precision, perplexity=task.perplexity)
+
+
+def held_out_metrics(model: nn.Module, task: Task, loaders: Mapping[str, DataLoader], precision: str = "float32"
+                     ) -> dict[str, float]:
+    """The metrics of every split but train and val: test, and those a task adds (a language model's "forget")."""
+    metrics: dict[str, float] = {}
+    for split, loader in loaders.items():
+        if split not in ("train", "val"):
+            metrics |= evaluate_task(model, task, loader, split, precision)
+    return metrics
 
 
 def lr_factor(schedule: str, step: int, warmup_steps: int, steps: int) -> float:

@@ -25,7 +25,7 @@ from ..adapters import get_variant
 from ..checkpoints import stages
 from ..checkpoints.files import write_json
 from ..selection import resolve_mode
-from ..tasks import TASKS, Task, get_task
+from ..tasks import TASKS, Task, from_source, get_task
 from ..trainer import check_seed
 
 CONFIG_FILE = "config.json"
@@ -38,6 +38,7 @@ class RunSettings(TypedDict):
     """How a run was asked for, every default made explicit (``resolve_settings``): its recipe."""
 
     task: str
+    task_source: dict[str, Any] | None  # what rebuilds a task made from files (``Task.source``); None: by name
     variant: str
     rank: int
     alpha: float | None  # None only for variants without alpha (vera)
@@ -81,8 +82,9 @@ class RunRecord(TypedDict, total=False):
     reduction: dict[str, Any]  # rank-reduced runs: the rank or energy asked, and the per-layer table
 
 
-TRAINER_DEFAULTS = {"train": None, "schedule": "constant", "warmup_steps": 0, "max_grad_norm": None,
-                    "accumulate": 1, "precision": "float32", "eval_batches": None}  # what a record without them means
+# what a record from before these settings means
+TRAINER_DEFAULTS = {"task_source": None, "train": None, "schedule": "constant", "warmup_steps": 0,
+                    "max_grad_norm": None, "accumulate": 1, "precision": "float32", "eval_batches": None}
 REQUIRED_SETTINGS = ("task", "variant", "rank", "alpha", "targets", "options", "lr", "seed", "steps", "monitor",
                      "mode")
 
@@ -180,16 +182,22 @@ def run_of(checkpoint: Path) -> Path:
 
 
 def task_of(settings: RunSettings, task: Task | None = None) -> Task:
-    """The task a run trained on: ``task`` if given (it must have the recorded name), else the built-in one.
+    """The task a run trained on: ``task`` if given (it must have the recorded name), else the one it records.
+
+    A task made from files (``wb.tasks.text_classification`` on a model directory and a data file)
+    is rebuilt from its recorded source once its files are checked; a built-in task by its name.
 
     Raises:
-        ValueError: the run's task is not built in and none was given, or ``task`` has another name.
+        ValueError: the run's task is neither built in nor recorded and none was given, ``task`` has
+            another name, or a recorded file moved or changed.
     """
     name = settings["task"]
     if task is not None:
         if task.name != name:
             raise ValueError(f"the run was trained on task {name!r}, not {task.name!r}: pass the task it used")
         return task
+    if settings.get("task_source"):
+        return from_source(settings["task_source"])
     if name not in TASKS:
         raise ValueError(f"the run was trained on task {name!r}, which is not built in ({', '.join(TASKS)}): pass "
                          "that wb.tasks.Task as task=... to rebuild its model and data")
@@ -200,7 +208,7 @@ def resolve_settings(task: Task, settings: dict[str, Any]) -> RunSettings:
     """Settings with every default made explicit, so that two ways of asking for one run compare equal.
 
     alpha None becomes the rank (for variants scaled by alpha / r), the variant's options get their
-    defaults, targets None the task's default targets, mode None the monitor's (``wb.selection``),
+    defaults, targets and train None the task's defaults, mode None the monitor's (``wb.selection``),
     and trainer settings a record from before them lacks their defaults (``TRAINER_DEFAULTS``).
 
     Raises:
@@ -210,11 +218,13 @@ def resolve_settings(task: Task, settings: dict[str, Any]) -> RunSettings:
     alpha = settings["alpha"]
     if alpha is None and variant.uses_alpha and isinstance(settings["rank"], int):
         alpha = float(settings["rank"])
-    targets = settings["targets"]
+    targets, train = settings["targets"], settings.get("train")
     if targets is None and task.default_targets is not None:
         targets = list(task.default_targets)
+    if train is None and task.default_train is not None:
+        train = list(task.default_train)
     check_seed(settings["seed"])
-    return {**TRAINER_DEFAULTS, **settings, "alpha": alpha, "targets": targets,
+    return {**TRAINER_DEFAULTS, **settings, "alpha": alpha, "targets": targets, "train": train,
             "options": variant.resolve_options(settings["options"]),
             "mode": resolve_mode(settings["monitor"], settings.get("mode"))}
 

@@ -19,7 +19,7 @@ from ..checkpoints import CheckpointError, CheckpointManager, stages
 from ..peft_format import export_peft
 from ..svd import match_ranks, reduce_rank
 from ..tasks import Task
-from ..trainer import evaluate
+from ..trainer import evaluate_task, held_out_metrics
 from .layout import build_model, checkpoints_path, is_run, read_record, run_of, task_of, write_record
 from .tables import checkpoint_table, load_checkpoints
 
@@ -53,7 +53,7 @@ def evaluate_checkpoints(run: str | os.PathLike[str], split: str = "val", task: 
     for _, row in checkpoint_table(run).iterrows():
         model, _ = load_run_model(row["path"], task)
         rows.append({"step": row["step"], "path": row["path"], "stage": row["stage"],
-                     **evaluate(model, loader, task.loss, task.counts, split, precision=settings["precision"])})
+                     **evaluate_task(model, task, loader, split, settings["precision"])})
     return pd.DataFrame(rows)
 
 
@@ -83,7 +83,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike[str], split: str = "val", 
     if split not in loaders:
         raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(loaders)}")
     model, _ = load_run_model(checkpoint, task)
-    return evaluate(model, loaders[split], task.loss, task.counts, split, precision=settings["precision"])
+    return evaluate_task(model, task, loaders[split], split, settings["precision"])
 
 
 def delete_checkpoint(checkpoint: str | os.PathLike[str]) -> None:
@@ -137,7 +137,7 @@ def reduce_checkpoint(
     model, progress = load_run_model(checkpoint, task)
     table = reduce_rank(model, rank=rank, energy=energy)
     loaders = task.loaders(settings["seed"])
-    metrics = evaluate(model, loaders["val"], task.loss, task.counts, "val", precision=settings["precision"])
+    metrics = evaluate_task(model, task, loaders["val"], "val", settings["precision"])
     out.mkdir(parents=True, exist_ok=True)
     with CheckpointManager(checkpoints_path(out), monitor=settings["monitor"], mode=settings["mode"],
                            run_config=settings) as manager:
@@ -147,8 +147,7 @@ def reduce_checkpoint(
         "reduction": {"rank": rank, "energy": energy, "layers": table.to_dict("records")},
         "trainable": trainable_parameters(model), "steps_done": progress["step"], "wall_time": 0.0,
         "test": {"checkpoint": path.name, "step": progress["step"],
-                 **evaluate(model, loaders["test"], task.loss, task.counts, "test",
-                            precision=settings["precision"])},
+                 **held_out_metrics(model, task, loaders, settings["precision"])},
     })
     return path, table
 

@@ -17,7 +17,7 @@ from ..checkpoints import CheckpointManager
 from ..memory import saved_activations
 from ..targets import target_patterns
 from ..tasks import Task, get_task
-from ..trainer import Callback, Trainer, autocast, evaluate
+from ..trainer import Callback, Trainer, autocast, held_out_metrics
 from .layout import (
     RunRecord,
     build_model,
@@ -93,7 +93,7 @@ class Run:
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"{self.path} is a file; a run needs a directory (a new one, or a run's to resume)")
         self.settings = resolve_settings(self.task, {
-            "task": self.task.name, "variant": variant, "rank": rank, "alpha": alpha,
+            "task": self.task.name, "task_source": self.task.source, "variant": variant, "rank": rank, "alpha": alpha,
             "targets": target_patterns(targets), "train": target_patterns(train, what="train"),
             "options": options, "lr": lr, "optimizer": optimizer, "steps": steps, "eval_every": eval_every,
             "save_every": save_every, "seed": seed, "batch_size": self.task.batch_size,
@@ -199,9 +199,9 @@ class Run:
             return {}
         model = build_model(self.task, self.settings)
         progress = self.checkpoints.load(best, model)
-        loader = self.task.loaders(self.settings["seed"])["test"]
+        loaders = self.task.loaders(self.settings["seed"])
         return {"checkpoint": best.name, "step": progress["step"],
-                **evaluate(model, loader, self.task.loss, self.task.counts, "test", precision=self.trainer.precision)}
+                **held_out_metrics(model, self.task, loaders, self.trainer.precision)}
 
 
 def train(task: str | Task, variant: str, rank: int, out: str | os.PathLike[str], **settings: Any) -> Path:

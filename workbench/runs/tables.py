@@ -32,8 +32,9 @@ def load_runs(directory: str | os.PathLike[str]) -> pd.DataFrame:
     Columns: run, task, variant, rank, alpha, lr, seed, trainable, saved_bytes, steps, steps_done,
     monitor, best_value, best_step, best_checkpoint (by validation, among checkpoints that pass
     verification), test_loss and test_acc (measured on that checkpoint), wall_time (seconds),
-    status, path. Runs still going show their checkpoints so far; a run whose config.json is
-    unreadable is left out with a warning.
+    status, path; then any other held-out metric the runs measured on that checkpoint (a language
+    model's test_ppl, forget_loss, forget_ppl, ...). Runs still going show their checkpoints so
+    far; a run whose config.json is unreadable is left out with a warning.
     """
     rows = []
     for run, record in records(directory):
@@ -54,6 +55,8 @@ def load_runs(directory: str | os.PathLike[str]) -> pd.DataFrame:
             "best_checkpoint": None if best is None else best["path"],
             "test_loss": test.get("test_loss"), "test_acc": test.get("test_acc"),
             "wall_time": record.get("wall_time"), "status": record.get("status"), "path": str(run),
+            **{key: value for key, value in test.items()
+               if key not in ("checkpoint", "step", "test_loss", "test_acc")},
         })
     return pd.DataFrame(rows)
 

@@ -56,6 +56,18 @@ class Task:
             each of W processes takes batch_size / W of it).
         loss: ``(outputs, targets) -> scalar`` mean loss; cross-entropy by default.
         counts: ``(outputs, targets) -> (correct, counted)`` for accuracy.
+        default_train: modules trained in full next to the adapters when a run names none (a new
+            classification head; ``add_adapters(train=...)``); ``None``: none.
+        collate: merges a list of items into a batch (``None``: torch's default stacking); text
+            tasks pad each batch to its own longest sequence.
+        eval_batch_size: the batch of the val and test loaders (``None``: max(batch_size, 256));
+            smaller for a language model, whose logits are (batch, T, vocabulary).
+        perplexity: whether an evaluation also reports ``<split>_ppl`` = exp(mean token loss).
+        source: what rebuilds the task in another process (``wb.tasks.from_source``): a JSON-able
+            recipe with the paths and SHA-256 of the model's weights and the data; ``None`` for a
+            built-in task (rebuilt by name) or one made from objects in memory.
+        tokenizer: a text task's tokenizer (for ``wb.tasks.predict`` and ``wb.tasks.generate``).
+        classes: a classification task's class names, in label order.
     """
 
     name: str
@@ -65,6 +77,13 @@ class Task:
     batch_size: int = 64
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = classification_loss
     counts: Callable[[torch.Tensor, torch.Tensor], tuple[int, int]] = classification_counts
+    default_train: Sequence[str] | None = None
+    collate: Callable[[list[Any]], Any] | None = None
+    eval_batch_size: int | None = None
+    perplexity: bool = False
+    source: dict[str, Any] | None = None
+    tokenizer: Any = None
+    classes: Sequence[str] | None = None
 
     def loaders(self, seed: int, batch_size: int | None = None, rank: int = 0,
                 world_size: int = 1) -> dict[str, StatefulDataLoader]:
@@ -73,11 +92,13 @@ class Task:
         ``rank`` and ``world_size`` give one process's share of data-parallel training (see
         ``make_loaders``); ``batch_size`` is the global batch, over all processes.
         """
-        return make_loaders(self.datasets(seed), batch_size or self.batch_size, seed, rank, world_size)
+        return make_loaders(self.datasets(seed), batch_size or self.batch_size, seed, rank, world_size,
+                            collate=self.collate, eval_batch_size=self.eval_batch_size)
 
 
 def make_loaders(datasets: Mapping[str, Dataset], batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1) -> dict[str, StatefulDataLoader]:
+                 world_size: int = 1, *, collate: Callable[[list[Any]], Any] | None = None,
+                 eval_batch_size: int | None = None) -> dict[str, StatefulDataLoader]:
     """Loaders whose ``state_dict()`` resumes the training order exactly.
 
     The shuffle has its own generator, inside the sampler (saved in the loader's state); the
@@ -89,7 +110,9 @@ def make_loaders(datasets: Mapping[str, Dataset], batch_size: int, seed: int, ra
     global batch. The train loader yields this rank's B / W of each global batch of the very
     shuffle one process would use (``ShardedRandomSampler``), so W processes together see
     exactly a one-process run's batches; val and test hold every W-th item from ``rank`` on, so
-    the ranks' sums add up to the whole split.
+    the ranks' sums add up to the whole split. Splits other than "train" (val, test, and any a
+    task adds, such as a language model's "forget") are read in order, ``eval_batch_size`` items
+    at a time (``None``: max(batch_size, 256)). ``collate``: as torch's ``collate_fn``.
 
     Raises:
         ValueError: a rank outside 0..W-1, or a batch size that W does not divide.
@@ -108,10 +131,12 @@ def make_loaders(datasets: Mapping[str, Dataset], batch_size: int, seed: int, ra
                 sampler = (RandomSampler(dataset, generator=generator) if world_size == 1 else
                            ShardedRandomSampler(dataset, batch_size, rank, world_size, generator))
                 loaders[split] = StatefulDataLoader(dataset, batch_size=batch_size // world_size, sampler=sampler,
-                                                    generator=torch.Generator().manual_seed(seed + 1))
+                                                    generator=torch.Generator().manual_seed(seed + 1),
+                                                    collate_fn=collate)
             else:
                 share = dataset if world_size == 1 else Subset(dataset, range(rank, len(dataset), world_size))
-                loaders[split] = StatefulDataLoader(share, batch_size=max(batch_size, 256), shuffle=False)
+                loaders[split] = StatefulDataLoader(share, batch_size=eval_batch_size or max(batch_size, 256),
+                                                    shuffle=False, collate_fn=collate)
     return loaders
 
 

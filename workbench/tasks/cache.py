@@ -1,5 +1,8 @@
 """Pre-trained base models, cached as safetensors files so each is pre-trained once per machine.
 
+Also converted models (``cached_directory``): a directory another format converts to once, such
+as a GGUF file de-quantized to a transformers directory, with a manifest of its files' SHA-256.
+
 The files live in ``$WORKBENCH_CACHE`` if it is set, else in the user's cache directory
 (``platformdirs.user_cache_dir("adapter-workbench")``, e.g. ``~/.cache/adapter-workbench``), one
 file per model and version: ``<name>-v<version>.safetensors``. Each file's metadata holds the
@@ -9,8 +12,11 @@ warning, and replaced by pre-training again. Deleting the directory is always sa
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import os
+import shutil
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -21,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..checkpoints.files import write_file
+from ..checkpoints.files import sha256, write_directory, write_file
 
 CACHE_ENV = "WORKBENCH_CACHE"
 SEED = 0
@@ -133,3 +139,63 @@ def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {key: tensor.detach().cpu().contiguous() for key, tensor in tensors.items()}
     write_file(path, lambda tmp: save_file(tensors, tmp, metadata={"sha256": tensors_sha256(tensors)}))
+
+
+MANIFEST = "manifest.json"
+
+
+def cached_directory(name: str, version: int, fill: Callable[[Path], None]) -> Path:
+    """A cached directory ``<cache>/<name>-v<version>``: verified, or made by ``fill`` first.
+
+    ``fill(tmp)`` writes the files (flat, no subdirectories) into a temporary directory; a
+    manifest of their SHA-256 is added and the directory renamed into place at once
+    (``write_directory``), so a crash leaves no half-made directory. A directory whose files do
+    not match its manifest (truncated, edited) is reported with a warning, removed and made again.
+
+    Returns:
+        The directory's path.
+
+    Raises:
+        OSError: the cache directory cannot be written and holds no valid copy.
+    """
+    path = cache_dir() / f"{name}-v{version}"
+    if path.exists():
+        problem = _directory_problem(path)
+        if problem is None:
+            return path
+        warnings.warn(f"cache directory {path} is invalid ({problem}); making it again", stacklevel=2)
+        shutil.rmtree(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def fill_and_list(tmp: Path) -> None:
+        fill(tmp)
+        files = {file.name: sha256(file) for file in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(json.dumps(files, indent=1))
+
+    try:
+        write_directory(path, fill_and_list)
+    except OSError:
+        if not path.exists() or _directory_problem(path) is not None:  # not another process's copy either
+            raise
+    return path
+
+
+@functools.cache
+def _verified(path: Path, stamp: tuple[tuple[str, int, int], ...]) -> str | None:
+    """``_directory_problem``'s answer, computed once per directory state (names, sizes, mtimes)."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError) as error:
+        return f"no readable {MANIFEST}: {error}"
+    for file, digest in manifest.items():
+        if not (path / file).is_file():
+            return f"{file} is missing"
+        if sha256(path / file) != digest:
+            return f"{file}'s SHA-256 differs from the manifest's"
+    return None
+
+
+def _directory_problem(path: Path) -> str | None:
+    """Why the cached directory cannot be used, or None when every file matches its manifest."""
+    stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.iterdir()))
+    return _verified(path, stamp)
