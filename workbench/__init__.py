@@ -28,6 +28,7 @@ from .runs import (
     evaluate_checkpoint,
     evaluate_checkpoints,
     export_checkpoint,
+    frozen_metrics,
     load_checkpoints,
     load_metrics,
     load_run_model,
@@ -43,7 +44,7 @@ from .runs import (
 from .svd import match_ranks, reduce_rank
 from .targets import find_targets
 from .tasks import Task
-from .trainer import Callback, Trainer, evaluate
+from .trainer import Callback, Trainer, evaluate, evaluate_task
 
 
 def __getattr__(name: str) -> object:
@@ -79,9 +80,11 @@ __all__ = [
     "evaluate",
     "evaluate_checkpoint",
     "evaluate_checkpoints",
+    "evaluate_task",
     "export_checkpoint",
     "export_peft",
     "find_targets",
+    "frozen_metrics",
     "get_variant",
     "import_peft",
     "load_checkpoints",

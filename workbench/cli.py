@@ -20,6 +20,7 @@ from .runs import (
     best_checkpoint,
     effective_rank,
     export_checkpoint,
+    frozen_metrics,
     load_metrics,
     load_runs,
     reduce_checkpoint,
@@ -28,7 +29,7 @@ from .runs import (
     train,
 )
 from .runs.executors import EXECUTORS, MissingExtraError
-from .tasks import TASKS
+from .tasks import TASKS, Task, causal_lm, get_task, text_classification
 from .trainer import PRECISIONS, SCHEDULES
 
 
@@ -91,7 +92,9 @@ def option_flags() -> list[tuple[str, str, dict[str, Any]]]:
     return flags
 
 
-EXPERIMENT_LRS = [3e-3, 1e-2, 3e-2]
+MONITORS = ["val_loss", "val_acc", "val_ppl"]
+# The main job: every variant on the real task, sized to run in under 10 minutes on 2 CPU cores.
+EXPERIMENT = {"task": "reviews", "ranks": [8], "lrs": [2e-3], "steps": 150, "eval_every": 50}
 
 
 def _positive_int(text: str) -> int:
@@ -130,7 +133,19 @@ def _list_of(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", default="digits", choices=sorted(TASKS), help="built-in task (default digits)")
+    parser.add_argument("--task", choices=sorted(TASKS), help="built-in task (default digits; not with --model)")
+    parser.add_argument("--model", type=Path, help="your own pretrained model: a transformers model directory "
+                        "(save_pretrained's), adapted on --data instead of a built-in task")
+    parser.add_argument("--data", type=Path, help="with --model: your data, a CSV or JSONL file (or, for "
+                        "--objective causal-lm, a .txt file)")
+    parser.add_argument("--objective", choices=["classify", "causal-lm"], default="classify",
+                        help="with --model: classify the texts of --text-column into --label-column (default), "
+                        "or causal-lm: next-token prediction on the text")
+    parser.add_argument("--text-column", default="text", help="with --data: the column of texts (default text)")
+    parser.add_argument("--label-column", default="label", help="with --objective classify: the column of labels, "
+                        "integers or strings (default label)")
+    parser.add_argument("--block-size", type=_positive_int, default=64,
+                        help="with --objective causal-lm: tokens per example (default 64)")
     parser.add_argument("--steps", type=_positive_int, default=300, help="optimizer steps per run (default 300)")
     parser.add_argument("--alpha", type=_positive_float, help="LoRA alpha (default: the rank; vera has none)")
     parser.add_argument("--targets", type=_list_of(str), help="comma-separated module names, suffixes or regexes")
@@ -141,9 +156,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-every", type=_positive_int, default=50, help="checkpoint every K steps (default 50)")
     parser.add_argument("--keep-last", type=_positive_int, help="keep the newest K checkpoints (default all)")
     parser.add_argument("--keep-best", type=_positive_int, help="keep the K best checkpoints by --monitor")
-    parser.add_argument("--monitor", default="val_loss", choices=["val_loss", "val_acc"],
+    parser.add_argument("--monitor", default="val_loss", choices=MONITORS,
                         help="validation metric that ranks checkpoints (default val_loss, lower is better; "
-                        "val_acc: higher)")
+                        "val_acc: higher; val_ppl, the perplexity of a language-model task: lower)")
     parser.add_argument("--schedule", default="constant", choices=SCHEDULES,
                         help="learning-rate schedule after the warmup: constant (default), or linear or cosine "
                         "decay to 0 at the last step")
@@ -167,6 +182,19 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
             raise TypeError(f"variant option {name!r} would be the flag {flag}, which {parser.prog} has already: "
                             "give the option another name") from None
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _task(args: argparse.Namespace) -> str | Task:
+    """The built-in task named by --task, or the task --model and --data make (``wb.tasks``)."""
+    if args.model is None and args.data is None:
+        return args.task or "digits"
+    if args.model is None or args.data is None:
+        raise ValueError("--model and --data go together: your model directory and your data file")
+    if args.task is not None:
+        raise ValueError("give either --task (a built-in task) or --model and --data (your own), not both")
+    if args.objective == "causal-lm":
+        return causal_lm(args.model, args.data, block_size=args.block_size, column=args.text_column)
+    return text_classification(args.model, args.data, args.text_column, args.label_column)
 
 
 def _run_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -194,11 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      "compare and keep the best checkpoint.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    experiment = commands.add_parser("experiment", help="the default experiment: sweep every variant at ranks 2 "
-                                     "and 8 and learning rates 0.003, 0.01, 0.03 on digits, write the report, "
-                                     "print the runs and the best checkpoint")
+    experiment = commands.add_parser("experiment", help="the default experiment: every variant at rank 8 on "
+                                     "reviews (pretrained MiniLM, Rotten Tomatoes sentiment), against the frozen "
+                                     "model; write the report, print the runs, the claims and the best checkpoint")
     experiment.add_argument("--out", type=Path, default=Path("runs"), help="runs directory (default runs)")
-    experiment.add_argument("--steps", type=_positive_int, default=300, help="optimizer steps per run (default 300)")
+    experiment.add_argument("--steps", type=_positive_int, default=EXPERIMENT["steps"],
+                            help=f"optimizer steps per run (default {EXPERIMENT['steps']})")
     experiment.add_argument("--report", type=Path, default=Path("report.html"),
                             help="the HTML report to write (default report.html)")
 
@@ -238,8 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     best = commands.add_parser("best", help="print the path of the best checkpoint (by validation)")
     best.add_argument("directory", type=Path, help="a run or a runs directory")
-    best.add_argument("--metric", default="val_loss", choices=["val_loss", "val_acc"], help="(default val_loss)")
-    best.add_argument("--mode", choices=["min", "max"], help="default: min for val_loss, max for val_acc")
+    best.add_argument("--metric", default="val_loss", choices=MONITORS, help="(default val_loss)")
+    best.add_argument("--mode", choices=["min", "max"], help="default: max for val_acc, else min")
 
     export = commands.add_parser("export", help="export a checkpoint as an adapter (PEFT format)")
     export.add_argument("checkpoint", type=Path, help="a checkpoint directory of a run (see workbench best)")
@@ -274,9 +303,12 @@ def _print_table(table: pd.DataFrame) -> None:
 
 
 def _experiment(args: argparse.Namespace) -> None:
-    # Three learning rates, so each variant is compared at its best one, as the papers compare them.
-    table = sweep("digits", variant_names(), [2, 8], args.steps, args.out, lrs=EXPERIMENT_LRS, eval_every=25,
-                  progress_bar=False)
+    task = get_task(EXPERIMENT["task"])
+    frozen = frozen_metrics(task)
+    print(f"frozen {task.name} model (pretrained encoder, untrained head): test_acc {frozen['test_acc']:.4f}, "
+          f"test_loss {frozen['test_loss']:.4f}\n")
+    table = sweep(task, variant_names(), EXPERIMENT["ranks"], args.steps, args.out, lrs=EXPERIMENT["lrs"],
+                  eval_every=EXPERIMENT["eval_every"], save_every=EXPERIMENT["eval_every"], progress_bar=False)
     write_report(args.out, args.report)
     _print_table(table)
     print("\nclaims (details in the report):")
@@ -298,12 +330,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             _experiment(args)
         elif args.command == "train":
             with torchrun_group() as (group, device):  # under torchrun: one run over all its processes
-                train(args.task, args.variant, args.rank, args.out, steps=args.steps, lr=args.lr, seed=args.seed,
+                train(_task(args), args.variant, args.rank, args.out, steps=args.steps, lr=args.lr, seed=args.seed,
                       resume=args.resume, process_group=group, device=device, **_run_settings(args))
                 if group is None or dist.get_rank(group) == 0:
                     _print_table(load_runs(args.out))
         elif args.command == "sweep":
-            table = sweep(args.task, args.variants, args.ranks, args.steps, args.out, lrs=args.lrs, seeds=args.seeds,
+            table = sweep(_task(args), args.variants, args.ranks, args.steps, args.out, lrs=args.lrs, seeds=args.seeds,
                           search=args.search, trials=args.trials, executor=args.executor, address=args.address,
                           cpus_per_trial=args.cpus_per_trial, **_run_settings(args))
             _print_table(table)

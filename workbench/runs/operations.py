@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 from torch import nn
 
 from .. import svd
@@ -18,7 +19,7 @@ from ..adapt import trainable_parameters
 from ..checkpoints import CheckpointError, CheckpointManager, stages
 from ..peft_format import export_peft
 from ..svd import match_ranks, reduce_rank
-from ..tasks import Task
+from ..tasks import Task, get_task
 from ..trainer import evaluate_task, held_out_metrics
 from .layout import build_model, checkpoints_path, is_run, read_record, run_of, task_of, write_record
 from .tables import checkpoint_table, load_checkpoints
@@ -84,6 +85,20 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike[str], split: str = "val", 
         raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(loaders)}")
     model, _ = load_run_model(checkpoint, task)
     return evaluate_task(model, task, loaders[split], split, settings["precision"])
+
+
+def frozen_metrics(task: str | Task, seed: int = 0, precision: str = "float32") -> dict[str, float]:
+    """The baseline before adaptation: the task's base model, as a run with this seed starts, on the held-out splits.
+
+    The base is built under ``torch.manual_seed(seed)`` like a run's, so a new head (the reviews
+    task's classifier) has the very initial weights the runs of that seed start from. Returns
+    test_loss, test_acc (and test_ppl, forget_* for a language model), as a run's test metrics.
+    """
+    task = get_task(task) if isinstance(task, str) else task
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = task.base_model()
+    return held_out_metrics(model, task, task.loaders(seed), precision)
 
 
 def delete_checkpoint(checkpoint: str | os.PathLike[str]) -> None:

@@ -5,6 +5,10 @@ a status line, a progress bar and one live figure. A launch trains one run per c
 after the other, each in its own directory ``runs_dir / wb.trial_name(variant, rank, lr, seed)``
 (the names ``wb.sweep`` gives), so the panel, the CLI and sweeps share and resume each other's runs.
 
+Targets are chosen by group, not by module: a transformer's 30 layers x 7 projections are 7 lines
+("attention: q_proj (30 × 576→576)", ...), each a pattern that ``wb.find_targets`` resolves to
+exactly its modules (``target_groups``). What the task trains in full (a new head) is shown beside them.
+
 Threads: ``launch()`` checks the settings and builds every ``wb.Run`` on the calling thread, so
 a bad choice is refused in the status line before anything is written; training then runs on a
 background thread, which only sets widget values (never ``with output:``). The figure and the
@@ -16,9 +20,11 @@ from __future__ import annotations
 import html
 import math
 import os
+import re
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +33,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
+from torch import nn
 
 import workbench as wb
 
@@ -35,6 +42,8 @@ from .panel import Panel, catching, redraw, show
 RANKS = (1, 2, 4, 8, 16, 32, 64)
 DRAW_INTERVAL = 0.4  # seconds between two redraws of the figure and the progress bar during a run
 SERIES = wb.plots.LIVE_SERIES  # what the figure shows of each run, in the order of its traces
+LOGGED = (*SERIES[:3], "val ppl")  # the series a run's curves keep: "<split> <metric>" of its metrics log
+PERPLEXITY_HOVER = "step %{x}<br>val loss %{y:.4f}<br>val ppl %{customdata:.4g}<extra>%{fullData.name}</extra>"
 _WIDE = {"description_width": "initial"}
 
 
@@ -56,21 +65,126 @@ def option_control(name: str, option: wb.adapters.Option) -> widgets.ValueWidget
     return widgets.Text(value=option.default, **common)
 
 
-def adaptable_modules(task: wb.Task) -> tuple[list[str], list[str]]:
-    """(every adaptable module of ``task.base_model()``, the ones ``task.default_targets`` selects).
+KINDS = ("attention", "MLP", "head", "other")  # the order the targets control lists its groups in
+_HEAD = {"classifier", "lm_head", "head", "score"}
+_ATTENTION = {"q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value", "qkv", "c_attn", "out_proj"}
+_MLP = {"mlp", "ffn", "feed_forward", "intermediate", "gate_proj", "up_proj", "down_proj", "c_fc", "w1", "w2", "w3"}
 
-    Adaptable: what ``wb.add_adapters`` can wrap (``nn.Linear``, transformers ``Conv1D``; tied and
-    shared layers left out), as ``wb.find_targets`` resolves it, so the names and the default
-    selection are the library's own.
+
+@dataclass(frozen=True)
+class TargetGroup:
+    """Adaptable modules that play one part, e.g. the query of every layer, and the pattern that selects them.
+
+    Attributes:
+        kind: one of ``KINDS`` (``target_kind``).
+        pattern: what the panel passes in ``targets=``: a name suffix (``"query"``,
+            ``"attention.output.dense"``) or, where no suffix tells the modules apart, a regular
+            expression (``r"bert\\.encoder\\.layer\\.\\d+\\.output\\.dense"``); ``wb.find_targets`` with
+            it selects exactly ``modules``.
+        modules: the qualified names, in module order.
+        features: (in, out) features of the first module.
+        default: whether the task's ``default_targets`` adapt these modules.
+    """
+
+    kind: str
+    pattern: str
+    modules: tuple[str, ...]
+    features: tuple[int, int]
+    default: bool
+
+    @property
+    def label(self) -> str:
+        """How the targets control lists it: ``"attention: query (6 × 384→384)"``."""
+        shown = _shared_name(self.modules) if "\\" in self.pattern else self.pattern
+        count = f"{len(self.modules)} × " if len(self.modules) > 1 else ""
+        return f"{self.kind}: {shown} ({count}{self.features[0]}→{self.features[1]})"
+
+
+def _role(name: str) -> str:
+    """A module's name with its block index as ``*``: ``"model.layers.3.mlp.up"`` -> ``"model.layers.*.mlp.up"``.
+
+    An index is a component of digits between two others (a ``ModuleList`` of blocks); a leading
+    or last one (``nn.Sequential``'s ``"0"``, ``"2.0"``) is part of the name.
+    """
+    parts = name.split(".")
+    return ".".join("*" if 0 < i < len(parts) - 1 and part.isdigit() else part for i, part in enumerate(parts))
+
+
+def _shared_name(modules: Sequence[str]) -> str:
+    """What the names of a group's modules share: their ``_role``, or the one module's name."""
+    return _role(modules[0]) if len(modules) > 1 else modules[0]
+
+
+def target_kind(name: str) -> str:
+    """The part a module plays, from its name: ``"attention"``, ``"MLP"``, ``"head"`` or ``"other"``.
+
+    head: a component ``classifier``, ``lm_head``, ``head`` or ``score``; attention: a component
+    containing ``attn`` or ``attention``, or a last one such as ``q_proj`` / ``query`` / ``c_attn``;
+    MLP: a component such as ``mlp``, ``intermediate``, ``gate_proj``, ``fc1``, or a block's
+    ``output.dense`` (BERT's second MLP layer); anything else (a pooler, an embedding projection) is other.
+    """
+    parts = name.split(".")
+    if _HEAD & set(parts):
+        return "head"
+    if parts[-1] in _ATTENTION or any("attn" in part.lower() or "attention" in part.lower() for part in parts):
+        return "attention"
+    if _MLP & set(parts) or re.fullmatch(r"fc\d*", parts[-1]) or ("*" in _role(name) and name.endswith("output.dense")):
+        return "MLP"
+    return "other"
+
+
+def _features(module: nn.Module) -> tuple[int, int]:
+    """(in, out) features of a layer: ``nn.Linear``'s weight is (out, in), transformers' ``Conv1D``'s (in, out)."""
+    rows, columns = module.weight.shape
+    return (int(columns), int(rows)) if isinstance(module, nn.Linear) else (int(rows), int(columns))
+
+
+def _pattern(model: nn.Module, modules: Sequence[str], train: Sequence[str] | None) -> str:
+    """The shortest name suffix that selects exactly ``modules`` (``wb.find_targets``), else a regex of their role."""
+    wanted = set(modules)
+    parts = _shared_name(modules).split(".")
+    suffixes = [".".join(parts[-k:]) for k in range(1, len(parts) + 1) if "*" not in parts[-k:]]
+    regex = r"\.".join(r"\d+" if part == "*" else re.escape(part) for part in parts)
+    for candidate in [*suffixes, regex if "\\" in regex else f"^{regex}$"]:
+        try:
+            if set(wb.find_targets(model, candidate, train=train)) == wanted:
+                return candidate
+        except ValueError:  # it also selects a layer that cannot be adapted (tied, trained in full)
+            continue
+    raise ValueError(f"no pattern selects exactly {', '.join(modules)}")  # a regex of the names always does
+
+
+def target_groups(task: wb.Task, model: nn.Module | None = None) -> list[TargetGroup]:
+    """The adaptable modules of ``task.base_model()`` in groups, one per part they play, in ``KINDS`` order.
+
+    Adaptable: what ``wb.add_adapters`` can wrap next to the task's ``default_train`` modules
+    (``nn.Linear``, transformers ``Conv1D``; tied and shared layers, and those trained in full,
+    left out), as ``wb.find_targets`` resolves it. The modules of one group share their name but
+    for the block index (``_role``); a group the task's default targets select only part of is
+    split into its modules, so that the defaults are always a choice of whole groups.
+
+    Args:
+        model: the task's base model, if you have one already (building it can take seconds).
 
     Raises:
         ValueError: the model has no adaptable module, or the default targets match none.
     """
-    with torch.random.fork_rng():
-        model = task.base_model()
-    every = list(wb.find_targets(model))
-    chosen = every if task.default_targets is None else list(wb.find_targets(model, task.default_targets))
-    return every, chosen
+    if model is None:
+        with torch.random.fork_rng():
+            model = task.base_model()
+    train = None if task.default_train is None else list(task.default_train)
+    every = wb.find_targets(model, train=train)
+    chosen = set(every if task.default_targets is None else wb.find_targets(model, task.default_targets, train=train))
+    roles: dict[str, list[str]] = {}
+    for name in every:
+        roles.setdefault(_role(name), []).append(name)
+    parts: list[list[str]] = []
+    for names in roles.values():
+        whole = len({name in chosen for name in names}) == 1
+        parts.extend([names] if whole else [[name] for name in names])
+    groups = [TargetGroup(target_kind(names[0]), _pattern(model, names, train), tuple(names),
+                          _features(every[names[0]]), names[0] in chosen) for names in parts]
+    return sorted(groups, key=lambda group: KINDS.index(group.kind))  # stable: module order within a kind
 
 
 class _Curves:
@@ -82,11 +196,11 @@ class _Curves:
 
     def __init__(self, run: Path) -> None:
         self.name = run.name
-        self.points: dict[str, tuple[list[int], list[float]]] = {s: ([], []) for s in SERIES[:3]}
+        self.points: dict[str, tuple[list[int], list[float]]] = {s: ([], []) for s in LOGGED}
         self.saved: list[int] = []
         if wb.runs.is_run(run):
             metrics = wb.load_metrics(run)
-            for series in SERIES[:3]:
+            for series in LOGGED:
                 split, metric = series.split()
                 rows = metrics[(metrics["split"] == split) & (metrics["metric"] == metric)]
                 self.points[series] = ([int(s) for s in rows["step"]], [float(v) for v in rows["value"]])
@@ -112,6 +226,11 @@ class _Curves:
             return np.array(steps, dtype=np.int64), np.array([loss[s] for s in steps], dtype=np.float64)
         steps, values = self.points[series]
         return np.array(steps, dtype=np.int64), np.array(values, dtype=np.float64)
+
+    def perplexity(self) -> np.ndarray:
+        """The validation perplexity at each step of the validation loss (NaN where none was logged)."""
+        ppl = dict(zip(*self.points["val ppl"], strict=True))
+        return np.array([ppl.get(step, math.nan) for step in self.points["val loss"][0]], dtype=np.float64)
 
 
 class _LiveCallback(wb.Callback):
@@ -141,6 +260,8 @@ class _LiveCallback(wb.Callback):
     def on_evaluate(self, trainer: wb.Trainer, metrics: dict[str, float]) -> None:
         self.curves.add("val loss", trainer.step, metrics["val_loss"])
         self.curves.add("val acc", trainer.step, metrics["val_acc"])
+        if "val_ppl" in metrics:
+            self.curves.add("val ppl", trainer.step, metrics["val_ppl"])
 
     def on_save(self, trainer: wb.Trainer, path: Path) -> None:
         self.curves.saved.append(trainer.step)
@@ -168,6 +289,13 @@ class Workbench(Panel):
     Attributes:
         variant, ranks, alpha, lr, steps, eval_every, save_every, seed, targets: the controls
             (``ranks`` and ``targets`` are multi-selects; ``alpha`` 0 means alpha = rank).
+            ``targets`` lists the ``target_groups``, attention first, then MLP, head and other, one
+            line per part the modules play, e.g. "attention: query (6 × 384→384)"; its values are
+            the groups' patterns, passed as ``targets=`` (the task's default targets chosen at first,
+            and passed as None, the task's default, while chosen).
+        target_groups: the ``TargetGroup`` s the targets control lists, in its order.
+        trained: what is trained in full next to the adapters: the task's ``default_train`` (a new
+            classification head), which ``wb.Run`` uses when the panel passes no ``train``.
         options: the variant-specific controls by option name, one for every option of every
             registered variant (``wb.variant_options``), each shown while a variant that has it is
             chosen, with the option's help as its tooltip (``option_control``); a control left as
@@ -176,7 +304,9 @@ class Workbench(Panel):
         launch_button, stop_button, status, progress, figure, widget: the rest of the panel;
             ``figure`` is a ``go.FigureWidget`` of ``wb.plots.live_runs``: four traces per run, named
             ``"<run> train loss"``, ``"<run> val loss"``, ``"<run> val acc"`` and
-            ``"<run> checkpoints"`` (markers on the validation loss at each saved step).
+            ``"<run> checkpoints"`` (markers on the validation loss at each saved step). For a task
+            with ``perplexity``, hovering the validation loss shows the validation perplexity too,
+            and the status line shows ``val_ppl``.
         last_error: the message of the last refused launch or failed run, else None.
 
     Raises:
@@ -193,8 +323,8 @@ class Workbench(Panel):
         self.runs_dir = Path(runs_dir)
         self.callbacks = list(callbacks)
         self.last_error: str | None = None
-        modules, chosen = adaptable_modules(self.task)
-        self._default_targets = tuple(chosen)
+        self.target_groups = target_groups(self.task)
+        self._default_targets = tuple(group.pattern for group in self.target_groups if group.default)
 
         variants = wb.variant_names()
         self.variant = widgets.Dropdown(options=variants, value=variants[0], description="variant")
@@ -207,8 +337,13 @@ class Workbench(Panel):
         self.save_every = widgets.BoundedIntText(value=50, min=1, max=10**7, description="checkpoint every",
                                                  style=_WIDE)
         self.seed = widgets.BoundedIntText(value=0, min=0, max=2**31 - 1, description="seed")
-        self.targets = widgets.SelectMultiple(options=modules, value=tuple(chosen), rows=min(len(modules), 8),
-                                              description="targets", layout=widgets.Layout(width="auto"))
+        self.targets = widgets.SelectMultiple(
+            options=[(group.label, group.pattern) for group in self.target_groups], value=self._default_targets,
+            rows=min(len(self.target_groups), 12), description="targets", layout=widgets.Layout(width="auto"),
+            tooltip="each line a pattern (wb.find_targets) and the modules it adapts: how many, in→out features")
+        trained = ", ".join(f"<code>{html.escape(name)}</code>" for name in self.task.default_train or ())
+        self.trained = widgets.HTML(f"trained in full: {trained} (the task's default)" if trained else
+                                    "trained in full: none (adapters only)")
         first: dict[str, wb.adapters.Option] = {}  # each option as the first variant that has it defines it
         for variant in variants:
             for name, option in wb.variant_options(variant).items():
@@ -226,7 +361,7 @@ class Workbench(Panel):
         header = widgets.HTML(f"<b>Adapter workbench</b>: task <code>{html.escape(self.task.name)}</code>, "
                               f"runs in <code>{html.escape(str(self.runs_dir))}</code>")
         self.widget = widgets.VBox([
-            header, widgets.HBox([settings, schedule, self.targets]),
+            header, widgets.HBox([settings, schedule, widgets.VBox([self.targets, self.trained])]),
             widgets.HBox([self.launch_button, self.stop_button, self.progress]), self.status, self.figure,
         ])
 
@@ -331,7 +466,7 @@ class Workbench(Panel):
         alpha = float(self.alpha.value)
         if not math.isfinite(alpha) or alpha < 0:
             raise ValueError(f"alpha must be a number > 0, or 0 for alpha = rank; not {alpha!r}")
-        targets = [name for name in self.targets.options if name in self.targets.value]  # module order
+        targets = [pattern for _, pattern in self.targets.options if pattern in self.targets.value]  # listed order
         # defaults are passed as the library's defaults (None, left out), so the record matches a sweep's
         options = {name: self.options[name].value for name, option in wb.variant_options(variant).items()
                    if self.options[name].value != option.default}
@@ -369,6 +504,9 @@ class Workbench(Panel):
         """The figure of this launch's runs (``wb.plots.live_runs``), drawn with what is on disk already."""
         with self.figure.batch_update():
             redraw(self.figure, wb.plots.live_runs([curves.name for curves in self._curves]))
+            if self.task.perplexity:  # each validation point's perplexity, in its hover
+                for trace in self.figure.data[SERIES.index("val loss")::len(SERIES)]:
+                    trace.hovertemplate = PERPLEXITY_HOVER
             self._draw(range(len(self._curves)))
 
     def _draw(self, indices: Sequence[int] | range) -> None:
@@ -379,6 +517,8 @@ class Workbench(Panel):
                 for offset, series in enumerate(SERIES):
                     trace = self.figure.data[len(SERIES) * index + offset]
                     trace.x, trace.y = curves.xy(series)
+                    if series == "val loss" and self.task.perplexity:
+                        trace.customdata = curves.perplexity()
 
     # -- the training thread ------------------------------------------------------------------
 
@@ -417,7 +557,8 @@ class Workbench(Panel):
         if status == "finished":
             test = record.get("test", {})
             accuracy = f", test acc {test['test_acc']:.3f}" if "test_acc" in test else ""
-            return status, f"{name} finished ({steps} steps{accuracy})"
+            perplexity = f", test ppl {test['test_ppl']:.4g}" if "test_ppl" in test else ""
+            return status, f"{name} finished ({steps} steps{accuracy}{perplexity})"
         if status == "stopped":
             return status, f"{name} stopped at step {steps} (checkpoint saved)"
         return status, f"{name} {status}: {record.get('message', '')}"
@@ -432,8 +573,8 @@ class Workbench(Panel):
         losses = trainer.recent_losses
         if losses:
             shown += f", loss {sum(losses) / len(losses):.4f}"
-        for name, value in trainer.last_metrics.items():
-            shown += f", {name} {value:.4f}"
+        for name, value in trainer.last_metrics.items():  # a perplexity can be large: 4 significant digits
+            shown += f", {name} {value:.4g}" if name.endswith("_ppl") else f", {name} {value:.4f}"
         if trainer.status == "running":
             stopping = " (stopping: saving a checkpoint)" if self._stop_requested.is_set() else ""
             self._say(f"training {curves.name} ({label}): {shown}{stopping}")
