@@ -8,6 +8,11 @@ import pytest
 import torch
 from torch import nn
 
+# Nothing here may reach the network: transformers and the hub read local files only, in this
+# process, in the subprocesses tests start and in the notebooks' kernels (they inherit it).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
 
 def mlp(seed: int = 0) -> nn.Sequential:
     """A plain torch model: 12 -> 24 -> 16 -> 6, with Linear layers named 0, 2, 4."""

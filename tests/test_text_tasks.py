@@ -130,6 +130,20 @@ def test_padding_changes_no_prediction(tiny_bert):
         torch.testing.assert_close(model(alone[None]), batched[row:row + 1], rtol=1e-5, atol=1e-5)
 
 
+def test_predict_reads_new_texts_as_the_task_reads_its_data(tiny_bert):
+    task = wb.tasks.text_classification(tiny_bert, labelled(), "review", "sentiment", max_length=8)
+    model = task.base_model().eval()
+    long = " ".join(SENTENCES)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_bert)
+    cut, whole = (torch.tensor(tokenizer(long, truncation=True, max_length=n)["input_ids"])[None] for n in (8, 512))
+    with torch.no_grad():
+        expected, untruncated = model(cut).softmax(-1).max(-1), model(whole).softmax(-1).max(-1)
+    row = wb.tasks.predict(model, task, [long]).iloc[0]
+    assert row["label"] == task.classes[expected.indices.item()]
+    assert row["probability"] == pytest.approx(expected.values.item(), abs=1e-6)  # one batch shape: the same sums
+    assert untruncated.values.item() != pytest.approx(expected.values.item(), abs=1e-6)  # the cut matters here
+
+
 def test_hamlet_has_held_out_blocks_from_the_end_and_a_forget_split():
     task = wb.tasks.get_task("hamlet")
     parts = task.datasets(0)

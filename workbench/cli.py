@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 import torch.distributed as dist
 
 from .adapters import Option, variant_names, variant_options
@@ -29,7 +30,7 @@ from .runs import (
     train,
 )
 from .runs.executors import EXECUTORS, MissingExtraError
-from .tasks import TASKS, Task, causal_lm, get_task, text_classification
+from .tasks import TASKS, Task, causal_lm, text_classification
 from .trainer import PRECISIONS, SCHEDULES
 
 
@@ -95,6 +96,14 @@ def option_flags() -> list[tuple[str, str, dict[str, Any]]]:
 MONITORS = ["val_loss", "val_acc", "val_ppl"]
 # The main job: every variant on the real task, sized to run in under 10 minutes on 2 CPU cores.
 EXPERIMENT = {"task": "reviews", "ranks": [8], "lrs": [2e-3], "steps": 150, "eval_every": 50}
+
+
+def _device(text: str) -> str:
+    try:
+        torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (cpu, cuda, cuda:N, ...)") from None
+    return text
 
 
 def _positive_int(text: str) -> int:
@@ -181,6 +190,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         except argparse.ArgumentError:
             raise TypeError(f"variant option {name!r} would be the flag {flag}, which {parser.prog} has already: "
                             "give the option another name") from None
+    parser.add_argument("--device", type=_device, help="where to train: cpu, cuda, cuda:N (default cpu; under "
+                        "torchrun, each process's own)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -303,14 +314,14 @@ def _print_table(table: pd.DataFrame) -> None:
 
 
 def _experiment(args: argparse.Namespace) -> None:
-    task = get_task(EXPERIMENT["task"])
-    frozen = frozen_metrics(task)
-    print(f"frozen {task.name} model (pretrained encoder, untrained head): test_acc {frozen['test_acc']:.4f}, "
-          f"test_loss {frozen['test_loss']:.4f}\n")
-    table = sweep(task, variant_names(), EXPERIMENT["ranks"], args.steps, args.out, lrs=EXPERIMENT["lrs"],
-                  eval_every=EXPERIMENT["eval_every"], save_every=EXPERIMENT["eval_every"], progress_bar=False)
+    table = sweep(EXPERIMENT["task"], variant_names(), EXPERIMENT["ranks"], args.steps, args.out,
+                  lrs=EXPERIMENT["lrs"], eval_every=EXPERIMENT["eval_every"], save_every=EXPERIMENT["eval_every"],
+                  progress_bar=False)
     write_report(args.out, args.report)
     _print_table(table)
+    frozen = frozen_metrics(EXPERIMENT["task"])
+    print(f"\nthe frozen model ({EXPERIMENT['task']}: the pretrained encoder, its new head untrained): "
+          f"test_acc {frozen['test_acc']:.4f}, test_loss {frozen['test_loss']:.4f}")
     print("\nclaims (details in the report):")
     for claim in check_claims(table, load_metrics(args.out)):
         print(f"  {claim['verdict']:<18} {claim['claim']}")
@@ -331,13 +342,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "train":
             with torchrun_group() as (group, device):  # under torchrun: one run over all its processes
                 train(_task(args), args.variant, args.rank, args.out, steps=args.steps, lr=args.lr, seed=args.seed,
-                      resume=args.resume, process_group=group, device=device, **_run_settings(args))
+                      resume=args.resume, process_group=group, device=device or args.device, **_run_settings(args))
                 if group is None or dist.get_rank(group) == 0:
                     _print_table(load_runs(args.out))
         elif args.command == "sweep":
             table = sweep(_task(args), args.variants, args.ranks, args.steps, args.out, lrs=args.lrs, seeds=args.seeds,
                           search=args.search, trials=args.trials, executor=args.executor, address=args.address,
-                          cpus_per_trial=args.cpus_per_trial, **_run_settings(args))
+                          cpus_per_trial=args.cpus_per_trial, device=args.device, **_run_settings(args))
             _print_table(table)
         elif args.command == "runs":
             _print_table(load_runs(args.directory))

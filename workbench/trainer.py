@@ -98,7 +98,8 @@ class Trainer:
         seed: seeds the data order and the global RNG at the start of ``fit``; an integer in [0, 2**63 - 1].
         callbacks: ``Callback`` objects.
         progress_bar: show a ``tqdm.auto`` bar (a widget in a notebook, text in a terminal).
-        device: where to train; default the model's device (under a process group the model
+        device: where to train (``"cpu"``, ``"cuda"``, ``"cuda:1"``): the model is moved there
+            first, and every batch; default the model's device (under a process group the model
             is moved there before it is wrapped, e.g. ``cuda:<local rank>``).
         process_group: for data-parallel training (above), the ``torch.distributed`` group;
             the loss must be a mean over the targets ``counts`` counts. None: one process.
@@ -190,6 +191,7 @@ class Trainer:
         model, process_group, wrapper = unwrap(model, process_group)
         self.model, self.process_group = model, process_group
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        model.to(self.device)
         self._replicas = Replicas(process_group, self.device) if process_group is not None else None
         self.rank = self._replicas.rank if self._replicas is not None else 0
         self.world_size = self._replicas.world_size if self._replicas is not None else 1

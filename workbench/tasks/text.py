@@ -25,12 +25,13 @@ grouping them by length would change which examples share a step.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -162,11 +163,26 @@ def _load(directory: Path, kind: str, gguf_file: str | None) -> tuple[nn.Module,
     loader = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **extra)
-        model = loader.from_pretrained(directory, local_files_only=True, **extra)
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **extra)
+            model = loader.from_pretrained(directory, local_files_only=True, **extra)
     except (OSError, ValueError, KeyError) as error:
         raise ValueError(f"{directory}: not a transformers model directory loadable offline ({error})") from error
     return model.eval(), tokenizer
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' progress bars off inside (loading local files takes seconds), as they were after."""
+    from transformers.utils import logging
+
+    bars = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            logging.enable_progress_bar()
 
 
 def load_pretrained(model: ModelSource, kind: str, gguf_file: str | None = None) -> tuple[nn.Module, Any]:
@@ -371,8 +387,12 @@ def text_classification(
     stratified_splits(labels, 0)  # data too small to split is refused now, not at a run's start
     pretrained, tokenizer = load_pretrained(model, "encoder", gguf_file)
     pad_id = pad_id_of(tokenizer)
-    ids = [torch.tensor(row, dtype=torch.int64)
-           for row in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    def encode(texts: Sequence[str]) -> list[torch.Tensor]:
+        """Texts -> token ids (L_i,) int64, truncated to ``max_length`` tokens."""
+        return [torch.tensor(row, dtype=torch.int64)
+                for row in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
+
+    ids = encode(texts)
 
     def base_model() -> nn.Module:
         """The encoder, a fresh copy, with a new head initialised from torch's global RNG (a run seeds it)."""
@@ -396,7 +416,7 @@ def text_classification(
     return Task(name=name, base_model=base_model, datasets=datasets, default_targets=targets,
                 default_train=["classifier"], batch_size=batch_size, eval_batch_size=EVAL_BATCH,
                 collate=pad_batch(pad_id), source=source,
-                tokenizer=tokenizer, classes=classes)
+                tokenizer=tokenizer, encode=encode, classes=classes)
 
 
 def read_texts(texts: str | os.PathLike[str] | Sequence[str], column: str = "text") -> list[str]:
@@ -543,11 +563,10 @@ def from_source(source: dict[str, Any]) -> Task:
 @torch.no_grad()
 def predict(model: nn.Module, task: Task, texts: Sequence[str]) -> pd.DataFrame:
     """A classification task's predictions on new texts: text, label (the class name) and its probability."""
-    if task.classes is None or task.tokenizer is None:
+    if task.classes is None or task.encode is None:
         raise ValueError(f"task {task.name!r} is not a text classification task")
     texts = read_texts(list(texts))
-    encoded = [torch.tensor(row) for row in task.tokenizer(texts, truncation=True)["input_ids"]]
-    ids, _ = task.collate([(row, torch.tensor(0)) for row in encoded])
+    ids, _ = task.collate([(row, torch.tensor(0)) for row in task.encode(texts)])
     was_training = model.training
     probabilities = model.eval()(ids).softmax(-1)
     model.train(was_training)
