@@ -310,7 +310,7 @@ def _logged(run: Path) -> list[tuple]:
 def test_a_run_with_a_schedule_resumes_bit_exactly_after_sigkill(tmp_path, fixed_threads):
     """wb.Run with warmup, cosine decay and clipping, killed between checkpoints: the resumed run's learning
     rates, losses, validations and final weights are the uninterrupted run's."""
-    steps = 60
+    steps = 120  # 90 paused steps after the checkpoint the kill waits for: time to see it first
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     job = _job("run", str(straight), str(steps))
     assert job.wait(timeout=300) == 0, job.stderr.read()

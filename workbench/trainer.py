@@ -198,14 +198,13 @@ class Trainer:
         if isinstance(task, Task):
             self.loaders = task.loaders(seed, rank=self.rank, world_size=self.world_size)
             self.loss, self.counts = loss or task.loss, counts or task.counts
-            self.perplexity = task.perplexity
         else:
             missing = {"train", "val"} - set(task)
             if missing:
                 raise ValueError(f"loaders need the splits train and val; missing: {', '.join(sorted(missing))}")
             self.loaders = dict(task)
             self.loss, self.counts = loss or classification_loss, counts or classification_counts
-            self.perplexity = False
+        self.perplexity = isinstance(task, Task) and task.perplexity
         self._forward: nn.Module = model  # what training calls: the model, or its DDP wrapper
         if self._replicas is not None:
             self._forward = wrapper if wrapper is not None else self._replicas.wrap(model)

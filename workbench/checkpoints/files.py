@@ -8,6 +8,7 @@ the target is either as it was or complete. New files get the permissions the um
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -26,6 +27,21 @@ def sha256(path: Path) -> str:
     """The SHA-256 of a file's bytes, as hex."""
     with open(path, "rb") as file:
         return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def sha256_once(path: Path) -> str:
+    """``sha256(path)``, hashed once per state of the file in this process (its path, size and mtime).
+
+    For inputs read again and again (a model's weights, a task's data): a file that is written
+    to changes its size or modification time, so it is hashed again.
+    """
+    stat = Path(path).stat()
+    return _sha256_of(Path(path).resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1024)
+def _sha256_of(path: Path, size: int, mtime_ns: int) -> str:
+    return sha256(path)
 
 
 def fsync_path(path: Path) -> None:

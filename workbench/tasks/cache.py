@@ -12,7 +12,6 @@ warning, and replaced by pre-training again. Deleting the directory is always sa
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -27,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..checkpoints.files import sha256, write_directory, write_file
+from ..checkpoints.files import sha256, sha256_once, write_directory, write_file
 
 CACHE_ENV = "WORKBENCH_CACHE"
 SEED = 0
@@ -180,9 +179,11 @@ def cached_directory(name: str, version: int, fill: Callable[[Path], None]) -> P
     return path
 
 
-@functools.cache
-def _verified(path: Path, stamp: tuple[tuple[str, int, int], ...]) -> str | None:
-    """``_directory_problem``'s answer, computed once per directory state (names, sizes, mtimes)."""
+def _directory_problem(path: Path) -> str | None:
+    """Why the cached directory cannot be used, or None when every file matches its manifest.
+
+    Each file is hashed once per state in a process (``sha256_once``).
+    """
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError) as error:
@@ -190,12 +191,6 @@ def _verified(path: Path, stamp: tuple[tuple[str, int, int], ...]) -> str | None
     for file, digest in manifest.items():
         if not (path / file).is_file():
             return f"{file} is missing"
-        if sha256(path / file) != digest:
+        if sha256_once(path / file) != digest:
             return f"{file}'s SHA-256 differs from the manifest's"
     return None
-
-
-def _directory_problem(path: Path) -> str | None:
-    """Why the cached directory cannot be used, or None when every file matches its manifest."""
-    stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.iterdir()))
-    return _verified(path, stamp)

@@ -40,7 +40,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from ..checkpoints.files import sha256
+from ..checkpoints.files import sha256_once
+from ..checks import is_integer
 from .base import SPLITS, Task
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
@@ -132,8 +133,17 @@ def weight_files(directory: Path) -> list[Path]:
 
 
 def weights_sha256(directory: Path) -> str:
-    """One SHA-256 over a model directory's weight files: each file's name and SHA-256, in name order."""
-    return sha256_of_lines(f"{f.name} {sha256(f)}" for f in weight_files(directory))
+    """One SHA-256 over a model directory's weight files: each file's name and SHA-256, in name order.
+
+    Each file is hashed once per state in a process (``sha256_once``): checking a recorded
+    task's files and rebuilding it read the same hashes.
+    """
+    return sha256_of_lines(f"{f.name} {sha256_once(f)}" for f in weight_files(directory))
+
+
+def path_sha256(path: Path) -> str:
+    """A model directory's ``weights_sha256``, or a data file's SHA-256."""
+    return weights_sha256(path) if path.is_dir() else sha256_once(path)
 
 
 def sha256_of_lines(lines: Iterable[str]) -> str:
@@ -338,13 +348,10 @@ def sorted_in_chunks(indices: torch.Tensor, lengths: torch.Tensor, chunk: int) -
     return torch.cat(parts) if parts else indices
 
 
-def _file_source(kind: str, path: str | os.PathLike[str] | None) -> dict[str, str] | None:
-    """``{"<kind>": absolute path, "<kind>_sha256": ...}`` of a file or model directory, or None for objects."""
-    if path is None:
-        return None
+def _file_source(kind: str, path: str | os.PathLike[str]) -> dict[str, str]:
+    """``{"<kind>": absolute path, "<kind>_sha256": ...}`` of a file or model directory."""
     resolved = Path(path).expanduser().resolve()
-    digest = weights_sha256(resolved) if resolved.is_dir() else sha256(resolved)
-    return {kind: str(resolved), f"{kind}_sha256": digest}
+    return {kind: str(resolved), f"{kind}_sha256": path_sha256(resolved)}
 
 
 # -- the tasks ------------------------------------------------------------------------------------
@@ -513,7 +520,7 @@ def causal_lm(
     if not isinstance(model, tuple) and isinstance(texts, os.PathLike) and (
             forget is None or isinstance(forget, os.PathLike)):
         source = {"kind": "causal_lm", **_file_source("model", model_directory(model)),
-                  **_file_source("data", texts), **(_file_source("forget", forget) or {}),
+                  **_file_source("data", texts), **(_file_source("forget", forget) if forget is not None else {}),
                   "block_size": block_size, "forget_blocks": forget_blocks, "name": name, "batch_size": batch_size,
                   "targets": None if targets is None else list(targets), "column": column, "gguf_file": gguf_file}
     return Task(name=name, base_model=base_model, datasets=lambda seed: split_data, default_targets=targets,
@@ -522,7 +529,8 @@ def causal_lm(
 
 
 def check_positive(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """Refuse a size that is not an integer >= 1 (``is_integer``: never a bool)."""
+    if not is_integer(value) or value < 1:
         raise ValueError(f"{name} must be a positive integer, not {value!r}")
 
 
@@ -545,7 +553,7 @@ def from_source(source: dict[str, Any]) -> Task:
         if not path.exists():
             raise ValueError(f"the run's {part} {path} is gone (moved or deleted); put it back there, or pass the "
                              "task as task=...")
-        found = weights_sha256(path) if path.is_dir() else sha256(path)
+        found = path_sha256(path)
         if found != source[f"{part}_sha256"]:
             raise ValueError(f"the run's {part} {path} changed since it trained (SHA-256 {found}, recorded "
                              f"{source[f'{part}_sha256']}); restore it, or pass the task as task=...")
@@ -580,7 +588,6 @@ def generate(model: nn.Module, task: Task, prompt: str, max_new_tokens: int = 40
     """A language-model task's greedy continuation of ``prompt`` (transformers' ``generate``), without the prompt."""
     if not isinstance(model, CausalLM) or task.tokenizer is None:
         raise ValueError(f"task {task.name!r} is not a causal language-model task, or the model is not its model")
-    model._sync()
     ids = task.tokenizer(prompt, return_tensors="pt")["input_ids"]
     was_training = model.training
     model.eval()._sync()
