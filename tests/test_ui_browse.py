@@ -382,6 +382,47 @@ def test_compare_filters_and_draws_the_logged_validation_curves(runs, no_callbac
     assert summary["trainable"].is_monotonic_increasing and len(shown) == 2
 
 
+def test_compare_shows_the_pareto_fronts_and_lr_sensitivity_of_the_chosen_configurations(runs, no_callback_errors):
+    compare = Compare(runs)
+    pareto, sensitivity = compare.pareto, compare.sensitivity
+    table = wb.load_runs(runs)  # one seed per configuration: a configuration's point is its run's best value
+    for axis in ("x", "x2", "x3"):  # trainable parameters, peak memory, wall time
+        points = [t for t in pareto.data if t.name != "Pareto front" and t.xaxis == axis]
+        assert [t.name for t in points] == ["lora", "vera"]
+        assert sum(len(t.x) for t in points) == len(table) == 4
+    shown = {name: (x, y) for t in pareto.data if t.name != "Pareto front" and t.xaxis == "x"
+             for name, x, y in zip(t.customdata[:, 0], t.x, t.y, strict=True)}
+    assert shown == {f"{row.variant} r{row.rank} lr=0.01": (row.trainable, pytest.approx(row.best_value))
+                     for row in table.itertuples()}
+    assert sorted(t.name for t in sensitivity.data if t.mode == "lines+markers") == ["lora r2", "lora r4", "vera r2",
+                                                                                     "vera r4"]
+    assert list(compare.summary["n"]) == [1, 1, 1, 1]
+
+    compare.variants.value = ("vera",)
+    assert compare.pareto is pareto and compare.sensitivity is sensitivity  # redrawn in place
+    points = [t for t in pareto.data if t.name != "Pareto front" and t.xaxis == "x"]
+    assert [t.name for t in points] == ["vera"] and len(points[0].x) == 2
+    compare.runs.value = ()
+    assert "No run chosen" in pareto.layout.title.text and "No run chosen" in sensitivity.layout.title.text
+
+
+def test_compare_passes_the_baselines_without_a_rank(scratch, no_callback_errors):
+    baseline = scratch / "head-copy"  # a run recorded as a baseline: variant "head", no rank, no options
+    shutil.copytree(run_dir(scratch, "lora", 2), baseline)
+    record = json.loads((baseline / "config.json").read_text())
+    record["settings"].update(variant="head", rank=None, options={})
+    (baseline / "config.json").write_text(json.dumps(record))
+    compare = Compare(scratch)
+    assert compare.ranks.options[-1] == ("none", 0) and "head-copy" in compare.runs.value
+    assert [t.name for t in compare.pareto.data if t.xaxis == "x"] == ["lora", "vera", "head", "Pareto front"]
+    assert "head" in [t.name for t in compare.sensitivity.data]
+    compare.ranks.value = (2, 4)
+    assert "head-copy" not in compare.runs.value and [value for _, value in compare.runs.options] == [
+        name for name in sorted(p.name for p in scratch.iterdir()) if name != "head-copy"]
+    compare.ranks.value = (0,)
+    assert list(compare.runs.value) == ["head-copy"]
+
+
 def test_compare_pick_best_over_the_chosen_runs(runs, no_callback_errors):
     compare = Compare(runs)
     compare.best_button.click()

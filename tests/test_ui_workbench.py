@@ -109,7 +109,7 @@ def test_a_launch_trains_in_the_background_and_the_figure_holds_the_logged_value
 
 def test_variant_options_are_shown_only_for_their_variant_and_reach_the_run(tmp_path):
     panel = panel_for(tmp_path, steps=5)
-    assert panel.variant.options == wb.VARIANTS
+    assert panel.variant.options == (*wb.VARIANTS, *wb.BASELINES)
     for variant in wb.VARIANTS:
         panel.variant.value = variant
         shown = {name: control for name, control in panel.options.items() if control.layout.display != "none"}

@@ -15,11 +15,13 @@ from .adapt import (
     unmerge_adapters,
 )
 from .adapters import AdapterLayer, adapter_layers, get_variant, variant_names, variant_options
+from .baselines import BASELINES
 from .checkpoints import CheckpointError, CheckpointManager
+from .claims import check_claims
 from .memory import SavedTensors, saved_activations
 from .optim import make_optimizer
 from .peft_format import export_peft, import_peft
-from .report import check_claims, write_report
+from .report import write_report
 from .runs import (
     Run,
     best_checkpoint,
@@ -37,6 +39,7 @@ from .runs import (
     run_settings,
     spectrum,
     spectrum_over_checkpoints,
+    summarize,
     sweep,
     train,
     trial_name,
@@ -60,6 +63,7 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "BASELINES",
     "VARIANTS",
     "AdapterConfig",
     "AdapterLayer",
@@ -103,6 +107,7 @@ __all__ = [
     "selection",
     "spectrum",
     "spectrum_over_checkpoints",
+    "summarize",
     "sweep",
     "tasks",
     "train",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,11 @@ import torch
 import torch.distributed as dist
 
 from .adapters import Option, variant_names, variant_options
+from .baselines import BASELINES, is_baseline
 from .checkpoints import CheckpointError
+from .claims import check_claims
 from .distributed import torchrun_group
-from .report import check_claims, write_report
+from .report import write_report
 from .runs import (
     best_checkpoint,
     effective_rank,
@@ -30,8 +33,9 @@ from .runs import (
     train,
 )
 from .runs.executors import EXECUTORS, MissingExtraError
+from .stats import summarize
 from .tasks import TASKS, Task, causal_lm, text_classification
-from .trainer import PRECISIONS, SCHEDULES
+from .trainer import PRECISIONS, SCHEDULES, Callback, Trainer
 
 
 def _finite_float(text: str) -> float:
@@ -94,8 +98,10 @@ def option_flags() -> list[tuple[str, str, dict[str, Any]]]:
 
 
 MONITORS = ["val_loss", "val_acc", "val_ppl"]
-# The main job: every variant on the real task, sized to run in under 10 minutes on 2 CPU cores.
-EXPERIMENT = {"task": "reviews", "ranks": [8], "lrs": [2e-3], "steps": 150, "eval_every": 50}
+# The main job: every variant and both baselines on the real task, three seeds each (see the README for its time).
+# Full fine-tuning moves every weight and wants a far smaller learning rate; the head alone a larger one.
+EXPERIMENT = {"task": "reviews", "ranks": [8], "seeds": [0, 1, 2], "steps": 100, "eval_every": 50,
+              "lrs": {"adapters": [2e-3], "full": [1e-4], "head": [1e-2]}}
 
 
 def _device(text: str) -> str:
@@ -159,7 +165,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=_positive_float, help="LoRA alpha (default: the rank; vera has none)")
     parser.add_argument("--targets", type=_list_of(str), help="comma-separated module names, suffixes or regexes")
     parser.add_argument("--train", type=_list_of(str), help="comma-separated modules trained in full next to the "
-                        "adapters (a new head, say), as PEFT's modules_to_save (default none)")
+                        "adapters (a new head, say), as PEFT's modules_to_save, or by the head baseline alone on "
+                        "its frozen base (default: the task's, if any)")
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd"], help="(default adamw)")
     parser.add_argument("--eval-every", type=_positive_int, default=50, help="validate every K steps (default 50)")
     parser.add_argument("--save-every", type=_positive_int, default=50, help="checkpoint every K steps (default 50)")
@@ -233,9 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      "compare and keep the best checkpoint.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    experiment = commands.add_parser("experiment", help="the default experiment: every variant at rank 8 on "
-                                     "reviews (pretrained MiniLM, Rotten Tomatoes sentiment), against the frozen "
-                                     "model; write the report, print the runs, the claims and the best checkpoint")
+    experiment = commands.add_parser("experiment", help="the default experiment: every variant at rank 8 and the "
+                                     "baselines full and head on reviews (pretrained MiniLM, Rotten Tomatoes "
+                                     "sentiment), three seeds each, against the frozen model; write the report, "
+                                     "print the runs, the configurations with intervals, the claims and the best "
+                                     "checkpoint")
     experiment.add_argument("--out", type=Path, default=Path("runs"), help="runs directory (default runs)")
     experiment.add_argument("--steps", type=_positive_int, default=EXPERIMENT["steps"],
                             help=f"optimizer steps per run (default {EXPERIMENT['steps']})")
@@ -244,8 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     one = commands.add_parser("train", help="train one run (under torchrun --nproc-per-node N: one run over N "
                               "data-parallel processes, the same global batch)")
-    one.add_argument("--variant", required=True, choices=variant_names(), help="the adapter variant")
-    one.add_argument("--rank", required=True, type=_positive_int, help="the adapter rank r")
+    one.add_argument("--variant", required=True, choices=[*variant_names(), *BASELINES],
+                     help="the adapter variant, or a baseline: " + "; ".join(f"{name}, {about}" for name, about
+                                                                             in BASELINES.items()))
+    one.add_argument("--rank", type=_positive_int, help="the adapter rank r (required for an adapter variant; "
+                     "a baseline has none)")
     one.add_argument("--out", required=True, type=Path, help="the run directory")
     one.add_argument("--lr", type=_positive_float, default=3e-3, help="learning rate (default 0.003)")
     one.add_argument("--seed", type=int, default=0, help="seeds the data split and order, init and dropout "
@@ -255,8 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     many = commands.add_parser("sweep", help="one run per variant x rank x lr x seed")
     many.add_argument("--variants", type=_list_of(str), default=list(variant_names()),
-                      help="comma-separated (default all)")
-    many.add_argument("--ranks", type=_list_of(_positive_int), default=[2, 8], help="comma-separated (default 2,8)")
+                      help="comma-separated variants, and baselines (" + ", ".join(BASELINES) + ": one run "
+                      "per lr and seed, no rank); default every variant, no baseline")
+    many.add_argument("--ranks", type=_list_of(_positive_int), default=[2, 8],
+                      help="comma-separated adapter ranks (default 2,8)")
     many.add_argument("--lrs", type=_list_of(_positive_float), default=[3e-3], help="comma-separated (default 0.003)")
     many.add_argument("--seeds", type=_list_of(int), default=[0], help="comma-separated (default 0)")
     many.add_argument("--search", choices=["grid", "random"], default="grid",
@@ -310,23 +324,59 @@ def build_parser() -> argparse.ArgumentParser:
 def _print_table(table: pd.DataFrame) -> None:
     columns = ["run", "variant", "rank", "trainable", "best_value", "best_step", "test_acc", "wall_time", "status"]
     shown = table[[c for c in columns if c in table]]
+    if "rank" in shown:  # a baseline has no rank: "-", and the adapters' ranks stay integers
+        shown = shown.assign(rank=["-" if pd.isna(rank) else int(rank) for rank in shown["rank"]])
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}") if len(shown) else "no runs")
 
 
+class _Announce(Callback):
+    """Prints one line as each run of the experiment ends: which of how many, its name, status and time."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.started = total, 0, time.perf_counter()
+
+    def on_end(self, trainer: Trainer) -> None:
+        self.done += 1
+        name = trainer.metrics_log.parent.name if trainer.metrics_log is not None else "run"
+        print(f"[{self.done}/{self.total}] {name}: {trainer.status} at step {trainer.step} "
+              f"({time.perf_counter() - self.started:.0f} s in)", flush=True)
+
+
 def _experiment(args: argparse.Namespace) -> None:
-    table = sweep(EXPERIMENT["task"], variant_names(), EXPERIMENT["ranks"], args.steps, args.out,
-                  lrs=EXPERIMENT["lrs"], eval_every=EXPERIMENT["eval_every"], save_every=EXPERIMENT["eval_every"],
-                  progress_bar=False)
+    variants = [*variant_names(), *BASELINES]
+    lrs = {variant: EXPERIMENT["lrs"].get(variant, EXPERIMENT["lrs"]["adapters"]) for variant in variants}
+    seeds = EXPERIMENT["seeds"]
+    total = (len(variant_names()) * len(EXPERIMENT["ranks"]) + len(BASELINES)) * len(seeds)
+    print(f"{total} runs on {EXPERIMENT['task']}: {', '.join(variants)}; seeds {', '.join(map(str, seeds))}; "
+          f"{args.steps} steps each", flush=True)
+    table = sweep(EXPERIMENT["task"], variants, EXPERIMENT["ranks"], args.steps, args.out, lrs=lrs, seeds=seeds,
+                  eval_every=EXPERIMENT["eval_every"], save_every=EXPERIMENT["eval_every"], progress_bar=False,
+                  callbacks=[_Announce(total)])
     write_report(args.out, args.report)
+    print()
     _print_table(table)
-    frozen = frozen_metrics(EXPERIMENT["task"])
-    print(f"\nthe frozen model ({EXPERIMENT['task']}: the pretrained encoder, its new head untrained): "
-          f"test_acc {frozen['test_acc']:.4f}, test_loss {frozen['test_loss']:.4f}")
-    print("\nclaims (details in the report):")
-    for claim in check_claims(table, load_metrics(args.out)):
-        print(f"  {claim['verdict']:<18} {claim['claim']}")
+    frozen = pd.DataFrame([frozen_metrics(EXPERIMENT["task"], seed) for seed in seeds])
+    print(f"\nthe frozen model ({EXPERIMENT['task']}: the pretrained encoder, its new head untrained), mean over "
+          f"seeds: test_acc {frozen['test_acc'].mean():.4f}, test_loss {frozen['test_loss'].mean():.4f}")
+    summary = summarize(table)
+    monitor = summary["monitor"].iloc[0]
+    print(f"\nconfigurations, best first by mean best {monitor} over {len(seeds)} seeds (95% intervals):")
+    columns = {"variant": "variant", "rank": "rank", "lr": "lr", "n": "seeds", "best_mean": f"best {monitor}",
+               "best_low": "low", "best_high": "high", "test_mean": summary["test_metric"].iloc[0],
+               "test_low": "test low", "test_high": "test high", "trainable": "trainable",
+               "wall_time": "seconds"}
+    shown = summary[list(columns)].rename(columns=columns)
+    shown["rank"] = ["-" if pd.isna(rank) else int(rank) for rank in shown["rank"]]
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    claims = check_claims(table, load_metrics(args.out))
+    print("\nclaims, effect over paired seeds with its 95% interval (details in the report):")
+    for row in claims.itertuples():
+        effect = "" if pd.isna(row.effect) else (
+            f"{row.effect:.3g} [{row.ci_low:.3g}, {row.ci_high:.3g}], n={row.n}" if not pd.isna(row.ci_low)
+            else f"{row.effect:.3g}, n={row.n}")
+        print(f"  {row.verdict:<14} {row.claim}" + (f": {effect}" if effect else ""))
     print(f"\nreport: {args.report}")
-    print(f"best checkpoint (val_loss): {best_checkpoint(args.out)}")
+    print(f"best checkpoint ({monitor}): {best_checkpoint(args.out, monitor)}")
 
 
 def _one_line(error: BaseException) -> str:
@@ -340,6 +390,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "experiment":
             _experiment(args)
         elif args.command == "train":
+            if args.rank is None and not is_baseline(args.variant):
+                raise ValueError(f"--rank is required for variant {args.variant!r} (only the baselines "
+                                 f"{', '.join(BASELINES)} take none)")
             with torchrun_group() as (group, device):  # under torchrun: one run over all its processes
                 train(_task(args), args.variant, args.rank, args.out, steps=args.steps, lr=args.lr, seed=args.seed,
                       resume=args.resume, process_group=group, device=device or args.device, **_run_settings(args))

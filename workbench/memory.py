@@ -47,3 +47,47 @@ def saved_activations(model: nn.Module | None = None) -> Iterator[SavedTensors]:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         yield result
+
+
+STATUS_FILE = "/proc/self/status"
+CLEAR_REFS_FILE = "/proc/self/clear_refs"
+
+
+@dataclass
+class PeakResident:
+    """The process's peak resident set size (bytes) while a ``peak_resident`` block ran; None where unmeasurable."""
+
+    bytes: int | None = None
+
+
+def _high_water_mark() -> int | None:
+    """Linux's VmHWM of this process in bytes (the peak resident set since the last reset), or None."""
+    try:
+        with open(STATUS_FILE) as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except OSError:
+        pass
+    return None
+
+
+@contextmanager
+def peak_resident() -> Iterator[PeakResident]:
+    """Measure the peak resident memory of this process while the block runs.
+
+    On Linux the kernel's high-water mark (VmHWM) is reset when the block starts (writing 5 to
+    ``/proc/self/clear_refs`` sets it to the current resident size) and read when it ends, so the
+    figure is this block's peak: the model, optimizer, activations and everything else the process
+    holds at that moment. Elsewhere, or where the reset is not allowed, ``bytes`` stays None: a
+    process-lifetime maximum would not be this block's.
+    """
+    result = PeakResident()
+    try:
+        with open(CLEAR_REFS_FILE, "w") as clear:
+            clear.write("5")
+    except OSError:
+        yield result
+        return
+    yield result
+    result.bytes = _high_water_mark()

@@ -5,25 +5,46 @@ run), ``load_metrics`` (long format: run, step, split, metric, value), ``spectru
 ``spectrum_over_checkpoints`` returns, checks that it has the columns the figure needs, and
 returns a ``go.Figure``; the HTML report, the notebook panels and notebooks all draw with these.
 ``live_runs`` takes run names instead: the empty figure that the workbench panel fills in as its runs log.
+``pareto``, ``pareto_fronts`` and ``lr_sensitivity`` take ``summarize``'s table (one row per
+configuration, intervals over seeds); ``validation_bands`` takes the runs and metrics tables.
+
+One colour rule: a variant's hue is ``variant_color(variant)`` in every figure (the registered
+variants in registration order, then the baselines "full" and "head"); where a figure shows
+several ranks, the line dash is the rank's (``rank_dash``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-from plotly.colors import qualitative
+from plotly.colors import hex_to_rgb, qualitative
 from plotly.subplots import make_subplots
 
 from .adapters import variant_names
+from .baselines import BASELINES  # variant names of the baselines (no adapter, no rank): coloured after the variants
 from .checks import is_integer
 from .selection import best_index, direction, metric_mode
+from .stats import interval, pareto_front
 
 METRICS_COLUMNS = ("run", "step", "split", "metric", "value")
 PALETTE = qualitative.Plotly
 TEMPLATE = "plotly_white"
 LIVE_SERIES = ("train loss", "val loss", "val acc", "checkpoints")  # each run's traces in ``live_runs``, in order
+DASHES = ("solid", "dot", "dash", "longdash", "dashdot", "longdashdot")  # ranks, smallest first
+COSTS = {  # summarize's cost column -> (axis title, divisor from the column's unit to the axis', hover format)
+    "trainable": ("trainable parameters", 1.0, ",.0f"),
+    "peak_rss": ("peak resident memory (MB)", 1e6, ",.1f"),
+    "wall_time": ("wall time (s)", 1.0, ",.1f"),
+}
+SUMMARY_COLUMNS = ("variant", "rank", "lr", "options", "monitor", "n", "best_mean", "best_low", "best_high")
+BANDS = {"range": "min to max over seeds", "interval": "95% t interval over seeds"}  # validation_bands' bands
+FRONT = "ringed and joined: the Pareto front, where nothing cheaper does better"
+BLOWUP = 10.0  # a loss above this many times the runs' median first value has blown up (validation_bands)
 
 
 def require_columns(table: pd.DataFrame, columns: Sequence[str], what: str) -> None:
@@ -38,16 +59,57 @@ def run_color(index: int) -> str:
     return PALETTE[index % len(PALETTE)]
 
 
+def _color_order() -> list[str]:
+    """The registered variants in registration order, then the baselines: the order of their colours."""
+    names = list(variant_names())
+    return names + [name for name in BASELINES if name not in names]
+
+
 def variant_color(variant: str) -> str:
-    """The colour of a registered variant, the same in every figure; one more colour for any other."""
-    names = variant_names()
-    index = names.index(variant) if variant in names else len(names)
+    """The colour of a variant, the same in every figure: one per registered variant (in registration
+    order), then one each for the baselines "full" and "head"; one more colour for any other name."""
+    order = _color_order()
+    index = order.index(variant) if variant in order else len(order)
     return PALETTE[index % len(PALETTE)]
 
 
+def rank_dash(rank: Any, ranks: Sequence[Any]) -> str:
+    """The line dash of ``rank`` in a figure showing ``ranks``: ``DASHES`` in turn from the smallest rank;
+    a baseline's missing rank is solid (its colour tells it apart)."""
+    if pd.isna(rank):
+        return "solid"
+    known = sorted({int(r) for r in ranks if not pd.isna(r)})
+    return DASHES[known.index(int(rank)) % len(DASHES)]
+
+
+def configuration_name(variant: str, rank: Any = None, lr: Any = None, options: Any = "") -> str:
+    """A configuration as legends and hovers name it: ``"lora r8 lr=0.01 (init=pissa)"``; a baseline has no rank."""
+    parts = [str(variant)]
+    if rank is not None and not pd.isna(rank):
+        parts.append(f"r{int(rank)}")
+    if lr is not None and not pd.isna(lr):
+        parts.append(f"lr={float(lr):g}")
+    if isinstance(options, str) and options:
+        parts.append(f"({options})")
+    return " ".join(parts)
+
+
 def _variant_order(variants: pd.Series) -> list[str]:
-    present, names = set(variants), variant_names()
-    return [v for v in names if v in present] + sorted(present - set(names))
+    present, order = set(variants), _color_order()
+    return [v for v in order if v in present] + sorted(present - set(order))
+
+
+def _rgba(color: str, alpha: float) -> str:
+    red, green, blue = hex_to_rgb(color)
+    return f"rgba({red},{green},{blue},{alpha})"
+
+
+def _shade(color: str, index: int, count: int) -> str:
+    """The ``index``-th of ``count`` shades of ``color``: the last is ``color``, the first paler (mixed with white)."""
+    if index >= count - 1:
+        return color
+    paleness = 0.6 * (count - 1 - index) / (count - 1)
+    return "#" + "".join(f"{round(c + (255 - c) * paleness):02x}" for c in hex_to_rgb(color))
 
 
 def _series(metrics: pd.DataFrame, split: str, metric: str, runs: Sequence[str] | None) -> pd.DataFrame:
@@ -302,4 +364,320 @@ def effective_rank_over_checkpoints(table: pd.DataFrame) -> go.Figure:
     figure.update_layout(title="Effective rank of each layer's update across checkpoints", xaxis_title="step",
                          yaxis={"title": "effective rank", "dtick": 1, "rangemode": "tozero"},
                          legend_title_text="/".join(keys), template=TEMPLATE)
+    return figure
+
+
+# -- configurations: summarize's table ------------------------------------------------------------
+
+
+def _metric_label(name: str | None) -> str:
+    """A logged metric's name as axes say it: ``"val_loss"`` -> ``"validation loss"``."""
+    if not name:
+        return "best value"
+    split, _, metric = str(name).partition("_")
+    splits = {"val": "validation", "test": "test", "train": "training", "forget": "forget"}
+    metrics = {"acc": "accuracy", "ppl": "perplexity"}
+    return f"{splits[split]} {metrics.get(metric, metric)}" if metric and split in splits else str(name)
+
+
+def _summary_monitor(summary: pd.DataFrame, columns: Sequence[str]) -> str | None:
+    """The one monitor of ``summary``'s configurations (None for no row), after checking its columns and task."""
+    require_columns(summary, columns, "summary (wb.summarize's table)")
+    monitors = sorted(set(summary["monitor"].dropna()))
+    if len(monitors) > 1:
+        raise ValueError(f"the configurations monitor {', '.join(monitors)}; their best values do not compare: "
+                         "plot the configurations of one monitor at a time")
+    if "task" in summary.columns and summary["task"].nunique() > 1:
+        raise ValueError(f"the configurations are of the tasks {', '.join(sorted(summary['task'].unique()))}; "
+                         "their values do not compare: plot one task at a time")
+    return monitors[0] if monitors else None
+
+
+def _numbers(table: pd.DataFrame, column: str) -> np.ndarray:
+    return pd.to_numeric(table[column], errors="coerce").to_numpy(dtype=float)
+
+
+def _names(table: pd.DataFrame) -> list[str]:
+    return [configuration_name(row.variant, row.rank, row.lr, row.options) for row in table.itertuples()]
+
+
+def _interval_text(low: np.ndarray, high: np.ndarray) -> list[str]:
+    return [f"95% interval {lo:.4g} to {hi:.4g}" if math.isfinite(lo) and math.isfinite(hi)
+            else "no interval (one seed)" for lo, hi in zip(low, high, strict=True)]
+
+
+def _pareto_traces(summary: pd.DataFrame, cost: str, monitor: str | None) -> tuple[list[go.Scatter], int]:
+    """A marker trace per variant and the front's trace for one ``cost``; how many configurations lack the cost."""
+    label, scale, form = COSTS[cost]
+    mode, metric = metric_mode(monitor or ""), _metric_label(monitor)
+    costs, means = _numbers(summary, cost), _numbers(summary, "best_mean")
+    known = (costs > 0) & np.isfinite(means)  # a log axis has no place for a zero cost
+    drawn = summary[known].assign(_cost=costs[known])
+    hover = (f"%{{customdata[0]}}<br>n %{{customdata[1]}} seed(s)<br>{label} %{{x:{form}}}<br>"
+             f"best {metric} %{{y:.4g}}<br>%{{customdata[2]}}<extra></extra>")
+    traces = []
+    for variant in _variant_order(drawn["variant"]):
+        points = drawn[drawn["variant"] == variant]
+        mean, low, high = (_numbers(points, c) for c in ("best_mean", "best_low", "best_high"))
+        color = variant_color(variant)
+        traces.append(go.Scatter(
+            x=points["_cost"] / scale, y=mean, mode="markers", name=variant, legendgroup=variant,
+            marker={"color": color, "size": 10},
+            error_y={"type": "data", "symmetric": False, "array": high - mean, "arrayminus": mean - low,
+                     "color": color, "thickness": 1.5, "width": 4},
+            customdata=np.column_stack([_names(points), points["n"].astype(str), _interval_text(low, high)]),
+            hovertemplate=hover,
+        ))
+    front = drawn[pareto_front(drawn, "_cost", "best_mean", mode)].sort_values("_cost", kind="stable")
+    traces.append(go.Scatter(
+        x=front["_cost"] / scale, y=_numbers(front, "best_mean"), mode="lines+markers", name="Pareto front",
+        legendgroup="Pareto front", line={"color": "black", "width": 1, "dash": "dot"},
+        marker={"symbol": "circle-open", "size": 17, "color": "black", "line": {"width": 2}},
+        customdata=_names(front), hovertemplate=f"Pareto front: %{{customdata}}<br>{label} %{{x:{form}}}<br>"
+                                                f"best {metric} %{{y:.4g}}<extra></extra>",
+    ))
+    return traces, len(summary) - len(drawn)
+
+
+def _check_cost(cost: str) -> None:
+    if cost not in COSTS:
+        raise ValueError(f"cost must be one of {', '.join(COSTS)} (trainable parameters, peak resident memory in "
+                         f"bytes, wall time in seconds), not {cost!r}")
+
+
+def pareto(summary: pd.DataFrame, cost: str = "trainable") -> go.Figure:
+    """Each configuration's cost (log x) against its best validation metric, the Pareto front ringed and joined.
+
+    A configuration's point is the mean over its seeds of each run's best validation value (the
+    runs' monitor, which names the y axis), with bars from ``best_low`` to ``best_high`` (its 95%
+    interval; none for one seed); one colour per variant (``variant_color``); hovering names the
+    configuration (variant, rank, lr, options) and its number of seeds. The front is
+    ``wb.stats.pareto_front`` with the monitor's mode (``wb.selection.metric_mode``): the
+    configurations no other is both cheaper than and better than, joined in order of cost.
+    Configurations without the cost (or without a best value) are left out and counted in the title.
+
+    Args:
+        summary: ``wb.summarize``'s table, of one task and one monitor.
+        cost: ``"trainable"`` (parameters), ``"peak_rss"`` (bytes, drawn in MB) or ``"wall_time"`` (seconds).
+
+    Raises:
+        ValueError: an unknown ``cost`` (the message names the valid ones), a missing column, or
+            configurations of several tasks or monitors.
+    """
+    _check_cost(cost)
+    monitor = _summary_monitor(summary, [*SUMMARY_COLUMNS, cost])
+    traces, left_out = _pareto_traces(summary, cost, monitor)
+    label, metric = COSTS[cost][0], _metric_label(monitor)
+    title = f"Best {metric} against {label.split(' (')[0]}<br><sup>bars: 95% interval over seeds; {FRONT}</sup>"
+    if left_out:
+        title = title.replace("</sup>", f"; {left_out} configuration(s) without {cost} or a best value left out</sup>")
+    figure = go.Figure(traces)
+    figure.update_layout(title=title, xaxis={"title": label, "type": "log"},
+                         yaxis_title=f"best {metric} (mean over seeds)", legend_title_text="variant",
+                         template=TEMPLATE)
+    return figure
+
+
+def pareto_fronts(summary: pd.DataFrame, costs: Sequence[str] = tuple(COSTS)) -> go.Figure:
+    """``pareto`` for each of ``costs``, side by side (one subplot each, log x), sharing the y axis and the legend.
+
+    Each subplot's title counts the configurations on its front; a cost no configuration recorded
+    (``peak_rss`` where it was not measurable) leaves its subplot empty, saying so in its title.
+
+    Args:
+        summary: ``wb.summarize``'s table, of one task and one monitor.
+        costs: columns of ``COSTS``, in the order drawn.
+
+    Raises:
+        ValueError: as ``pareto``.
+    """
+    for cost in costs:
+        _check_cost(cost)
+    monitor = _summary_monitor(summary, [*SUMMARY_COLUMNS, *costs])
+    drawn = [_pareto_traces(summary, cost, monitor) for cost in costs]
+    titles = [f"{len(traces[-1].x)} of {len(summary) - left_out} on the front" if left_out < len(summary)
+              else f"{cost}: not recorded" if len(summary) else "no configuration"
+              for cost, (traces, left_out) in zip(costs, drawn, strict=True)]
+    figure = make_subplots(rows=1, cols=len(costs), shared_yaxes=True, horizontal_spacing=0.03,
+                           subplot_titles=titles)
+    shown: set[str] = set()
+    for column, (traces, _) in enumerate(drawn, start=1):
+        for trace in traces:
+            trace.showlegend = trace.name not in shown
+            shown.add(trace.name)
+            figure.add_trace(trace, row=1, col=column)
+        figure.update_xaxes(title_text=COSTS[costs[column - 1]][0], type="log", row=1, col=column)
+    metric = _metric_label(monitor)
+    figure.update_yaxes(title_text=f"best {metric} (mean over seeds)", row=1, col=1)
+    figure.update_layout(title=f"Best {metric} against each cost<br><sup>bars: 95% interval over seeds; {FRONT}</sup>",
+                         legend_title_text="variant", template=TEMPLATE)
+    return figure
+
+
+def _segments(finite: np.ndarray) -> list[np.ndarray]:
+    """The positions of each maximal run of True in ``finite``."""
+    positions = np.flatnonzero(finite)
+    return [part for part in np.split(positions, np.flatnonzero(np.diff(positions) > 1) + 1) if part.size]
+
+
+def _band(x: np.ndarray, low: np.ndarray, high: np.ndarray, name: str, color: str) -> list[go.Scatter]:
+    """Shaded bands from ``low`` to ``high``, one per run of consecutive points where both are finite (of 2+ points)."""
+    bands = []
+    for part in _segments(np.isfinite(low) & np.isfinite(high)):
+        if part.size < 2:
+            continue
+        bands.append(go.Scatter(
+            x=np.concatenate([x[part], x[part][::-1]]), y=np.concatenate([high[part], low[part][::-1]]),
+            mode="lines", fill="toself", fillcolor=_rgba(color, 0.18), line={"width": 0}, name=f"{name} band",
+            legendgroup=name, showlegend=False, hoverinfo="skip",
+        ))
+    return bands
+
+
+def lr_sensitivity(summary: pd.DataFrame) -> go.Figure:
+    """The best validation metric against the learning rate (log x): a line per configuration but the lr.
+
+    A configuration here is (variant, rank, options): its line joins the mean over seeds of its
+    runs' best validation value at each learning rate it ran, in the variant's colour with the
+    rank's dash (``rank_dash``), over a band from ``best_low`` to ``best_high`` (the 95% interval
+    over seeds) where a run of neighbouring learning rates has one (n >= 2); a lone learning rate
+    with an interval gets an error bar instead.
+
+    Args:
+        summary: ``wb.summarize``'s table, of one task and one monitor.
+
+    Raises:
+        ValueError: a missing column, or configurations of several tasks or monitors.
+    """
+    monitor = _summary_monitor(summary, SUMMARY_COLUMNS)
+    metric = _metric_label(monitor)
+    lrs, means = _numbers(summary, "lr"), _numbers(summary, "best_mean")
+    table = summary[(lrs > 0) & np.isfinite(means)]
+    figure = go.Figure()
+    for variant in _variant_order(table["variant"]):
+        mine = table[table["variant"] == variant]
+        for (rank, options), points in mine.groupby(["rank", "options"], sort=True, dropna=False):
+            points = points.sort_values("lr", kind="stable")
+            x, mean, low, high = (_numbers(points, c) for c in ("lr", "best_mean", "best_low", "best_high"))
+            name, color = configuration_name(variant, rank, None, options), variant_color(variant)
+            for band in _band(x, low, high, name, color):
+                figure.add_trace(band)
+            lone = np.zeros(len(x), dtype=bool)
+            for part in _segments(np.isfinite(low) & np.isfinite(high)):
+                lone[part] = part.size == 1
+            figure.add_trace(go.Scatter(
+                x=x, y=mean, mode="lines+markers", name=name, legendgroup=name,
+                line={"color": color, "dash": rank_dash(rank, table["rank"])}, marker={"color": color, "size": 7},
+                error_y={"type": "data", "symmetric": False, "array": np.where(lone, high - mean, np.nan),
+                         "arrayminus": np.where(lone, mean - low, np.nan), "color": color, "width": 4},
+                customdata=np.column_stack([points["n"].astype(str), _interval_text(low, high)]),
+                hovertemplate=(f"{name}<br>lr %{{x:.3g}}<br>best {metric} %{{y:.4g}} (mean of %{{customdata[0]}} "
+                               "seed(s))<br>%{customdata[1]}<extra></extra>"),
+            ))
+    figure.update_layout(title=f"Best {metric} against the learning rate (mean over seeds; bands: 95% interval)",
+                         xaxis={"title": "learning rate", "type": "log"}, yaxis_title=f"best {metric}",
+                         legend_title_text="configuration (dash: rank)", template=TEMPLATE)
+    return figure
+
+
+# -- runs and their logged curves ----------------------------------------------------------------
+
+
+def _flagged(runs: pd.DataFrame, series: pd.DataFrame, mode: str) -> dict[str, str]:
+    """The runs left out of the means, with why: diverged, values that are not finite, or (losses) blown up."""
+    flagged = {run: "diverged" for run in runs.loc[runs["status"] == "diverged", "run"]}
+    values = pd.to_numeric(series["value"], errors="coerce")
+    for run in series.loc[~np.isfinite(values.to_numpy(dtype=float)), "run"].unique():
+        flagged.setdefault(run, "values not finite")
+    if mode == "min":  # an accuracy cannot blow up; a loss far above where the runs started has
+        kept = series[~series["run"].isin(flagged)]
+        start = float(np.median(np.abs(pd.to_numeric(kept.groupby("run")["value"].first())))) if len(kept) else 0.0
+        if start > 0:
+            peaks = pd.to_numeric(kept["value"]).abs().groupby(kept["run"]).max()
+            for run in peaks.index[peaks > BLOWUP * start]:
+                flagged[run] = f"above {BLOWUP:g}x the median first value"
+    return flagged
+
+
+def _flag_note(flagged: dict[str, str], most: int = 8) -> str:
+    listed = [f"{run} ({why})" for run, why in sorted(flagged.items())]
+    more = f", and {len(listed) - most} more" if len(listed) > most else ""
+    return f"flagged, left out of the means: {', '.join(listed[:most])}{more}"
+
+
+def validation_bands(runs: pd.DataFrame, metrics: pd.DataFrame, metric: str = "loss", split: str = "val",
+                     band: str = "range") -> go.Figure:
+    """Small multiples, one subplot per variant (shared y): a mean curve per configuration over its seeds, banded.
+
+    Within a variant's subplot a configuration is (rank, lr, options): its line is the mean, at each
+    logged step, of the ``split`` ``metric`` of its runs (the seeds logged at that step), over a band
+    (``band``: ``"range"``, min to max over those seeds, or ``"interval"``, the 95% t interval of
+    their mean). Colour: the variant's; dash: the rank's; shade: the configuration's place among
+    the variant's configurations of that rank, by lr (palest: the smallest). Legend entries name
+    configurations and their number of seeds. The y axis is logarithmic for a loss whose values are
+    all positive. Runs that diverged (status ``"diverged"``), logged a value that is not finite, or
+    (for a loss) rose above ``BLOWUP`` times the runs' median first value are left out of the means
+    and listed as flagged under the title, so they do not stretch the axis.
+
+    Args:
+        runs: ``load_runs``' table (the runs to draw): run, variant, rank, lr, options, status.
+        metrics: ``load_metrics``' table: run, step, split, metric, value.
+        metric: the metric's logged name, e.g. ``"loss"`` or ``"acc"``.
+        split: ``"val"`` (every evaluation), or ``"train"``.
+        band: ``"range"`` or ``"interval"``.
+
+    Raises:
+        ValueError: a missing column, or an unknown ``band`` (the message names the valid ones).
+    """
+    if band not in BANDS:
+        raise ValueError(f"band must be one of {', '.join(f'{k!r} ({v})' for k, v in BANDS.items())}, not {band!r}")
+    require_columns(runs, ("run", "variant", "rank", "lr", "options", "status"), "runs")
+    series = _series(metrics, split, metric, list(runs["run"]))
+    series = series.assign(value=pd.to_numeric(series["value"], errors="coerce"))
+    mode, label = metric_mode(metric), _metric_label(f"{split}_{metric}")
+    flagged = _flagged(runs, series, mode)
+    logged = runs[runs["run"].isin(series["run"])].assign(options=lambda t: t["options"].fillna(""))
+    kept = logged[~logged["run"].isin(flagged)]
+    variants = _variant_order(logged["variant"])
+    columns = max(1, min(len(variants), 3))
+    rows = max(1, math.ceil(len(variants) / columns))
+    titles = [v if v in set(kept["variant"]) else f"{v}: every run flagged" for v in variants]
+    figure = make_subplots(rows=rows, cols=columns, shared_yaxes="all", subplot_titles=titles or None,
+                           horizontal_spacing=0.04, vertical_spacing=0.3 / rows)
+    hover = (f"%{{fullData.name}}<br>step %{{x}}<br>mean {label} %{{y:.4g}} over %{{customdata[0]}} seed(s)<br>"
+             f"{BANDS[band]}: %{{customdata[1]:.4g}} to %{{customdata[2]:.4g}}<extra></extra>")
+    for number, variant in enumerate(variants):
+        row, column = number // columns + 1, number % columns + 1
+        color = variant_color(variant)
+        mine = kept[kept["variant"] == variant]
+        for rank, same_rank in mine.groupby("rank", sort=True, dropna=False):
+            configurations = list(same_rank.groupby(["lr", "options"], sort=True))
+            for index, ((lr, options), members) in enumerate(configurations):
+                table = (series[series["run"].isin(members["run"])].groupby(["step", "run"])["value"].last()
+                         .unstack("run"))
+                steps, values = table.index.to_numpy(), table.to_numpy(dtype=float)
+                seeds, mean = (~np.isnan(values)).sum(axis=1), np.nanmean(values, axis=1)
+                if band == "range":
+                    low, high = np.nanmin(values, axis=1), np.nanmax(values, axis=1)
+                else:
+                    low, high = np.array([interval(step_values)[2:] for step_values in values]).reshape(-1, 2).T
+                seeds_run = members["run"].nunique()
+                name = f"{configuration_name(variant, rank, lr, options)} ({seeds_run} seed{'s' * (seeds_run != 1)})"
+                shade = _shade(color, index, len(configurations))
+                for trace in _band(steps, low, high, name, shade):
+                    figure.add_trace(trace, row=row, col=column)
+                figure.add_trace(go.Scatter(
+                    x=steps, y=mean, mode="lines", name=name, legendgroup=name,
+                    line={"color": shade, "dash": rank_dash(rank, kept["rank"]), "width": 2},
+                    customdata=np.column_stack([seeds, low, high]), hovertemplate=hover,
+                ), row=row, col=column)
+    if mode == "min" and len(kept) and (series.loc[series["run"].isin(kept["run"]), "value"] > 0).all():
+        figure.update_yaxes(type="log")
+    figure.update_xaxes(title_text="step", row=rows)
+    figure.update_yaxes(title_text=f"{label} (mean over seeds)", col=1)
+    title = f"{label[0].upper()}{label[1:]} by variant: mean over each configuration's seeds (band: {BANDS[band]})"
+    if flagged:
+        title += f"<br><sup>{_flag_note(flagged)}</sup>"
+    figure.update_layout(title=title, legend_title_text="configuration (dash: rank)", template=TEMPLATE,
+                         height=max(420, 300 * rows + 120), margin={"t": 110 if flagged else 80})
     return figure

@@ -118,7 +118,8 @@ def changed_tensors(model: nn.Module, full: bool = False) -> dict[str, torch.Ten
 
     That is every parameter with ``requires_grad``, every tensor an adapter layer owns (LoRA-FA's
     frozen random A too, since the run's result depends on it), the whole state (buffers too,
-    such as running statistics) of the modules trained in full (``add_adapters(train=...)``), and
+    such as running statistics) of the modules trained in full (``add_adapters(train=...)``, or
+    every module whose parameters all train, as in full fine-tuning), and
     for variants that move base weights (Delta-LoRA) the adapted layers' base weights.
     ``full=True``: the whole state dict.
     """
@@ -131,6 +132,11 @@ def changed_tensors(model: nn.Module, full: bool = False) -> dict[str, torch.Ten
     moves = config is not None and get_variant(config.variant).moves_base_weights
     for trained in config.train if config is not None else ():
         names.update(name for name in state if name.startswith(f"{trained}."))
+    for module_name, module in model.named_modules():  # a module that trains (full fine-tuning): its buffers too
+        parameters = list(module.parameters(recurse=False))
+        if parameters and all(param.requires_grad for param in parameters):
+            prefix = f"{module_name}." if module_name else ""
+            names.update(f"{prefix}{name}" for name, _ in module.named_buffers(recurse=False))
     for layer_name, layer in layers:
         names.update(f"{layer_name}.{n}" for n, _ in layer.named_parameters() if not n.startswith("base_layer."))
         if moves:

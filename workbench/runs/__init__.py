@@ -3,7 +3,7 @@
 - ``layout``: what a run directory holds (config.json's schema, metrics.jsonl, checkpoints/) and
   the model its settings rebuild;
 - ``run``: ``Run`` and ``train``, which write one;
-- ``tables``: ``load_runs``, ``load_metrics``, ``load_checkpoints``, ``best_checkpoint``, which read them;
+- ``tables``: ``load_runs``, ``load_metrics``, ``load_checkpoints``, ``best_checkpoint``, ``summarize``: reading them;
 - ``operations``: what is done to a run's checkpoints (load, evaluate, export, delete, reduce, spectra);
 - ``sweep`` and ``executors``: many runs, in this process or on Ray.
 """
@@ -23,7 +23,7 @@ from .operations import (
 )
 from .run import Run, train
 from .sweep import sweep, trial_name
-from .tables import best_checkpoint, load_checkpoints, load_metrics, load_runs, run_settings
+from .tables import best_checkpoint, load_checkpoints, load_metrics, load_runs, run_settings, summarize
 
 __all__ = [
     "CHECKPOINTS_DIR",
@@ -45,6 +45,7 @@ __all__ = [
     "load_metrics",
     "load_run_model",
     "load_runs",
+    "summarize",
     "reduce_checkpoint",
     "run_settings",
     "spectrum",

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..baselines import baseline_settings, is_baseline
 from ..tasks import Task
 from .run import Run
 
@@ -38,16 +39,18 @@ class MissingExtraError(ImportError):
 
 @dataclass(frozen=True)
 class Trial:
-    """One run of a sweep: its directory and the settings that vary between trials."""
+    """One run of a sweep: its directory and the settings that vary between trials (a baseline's rank is None)."""
 
     path: Path
     variant: str
-    rank: int
+    rank: int | None
     lr: float
     seed: int
 
 
 def _run(task: str | Task, trial: Trial, steps: int, settings: Mapping[str, Any]) -> Run:
+    if is_baseline(trial.variant):  # the sweep's adapter settings (alpha, targets, options) are not the baseline's
+        settings = baseline_settings(trial.variant, settings)
     return Run(task, trial.variant, trial.rank, trial.path, lr=trial.lr, seed=trial.seed, steps=steps, resume=True,
                **settings)
 

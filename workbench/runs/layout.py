@@ -22,6 +22,7 @@ from torch import nn
 
 from ..adapt import add_adapters
 from ..adapters import get_variant
+from ..baselines import BASELINES, TAKES_TRAIN, check_baseline_settings, is_baseline, prepare_baseline
 from ..checkpoints import stages
 from ..checkpoints.files import write_json
 from ..selection import resolve_mode
@@ -39,12 +40,13 @@ class RunSettings(TypedDict):
 
     task: str
     task_source: dict[str, Any] | None  # what rebuilds a task made from files (``Task.source``); None: by name
-    variant: str
-    rank: int
-    alpha: float | None  # None only for variants without alpha (vera)
-    targets: list[str] | None  # None: every adaptable layer
-    train: list[str] | None  # modules trained in full next to the adapters (add_adapters(train=...)); None: none
-    options: dict[str, Any]  # every option of the variant
+    variant: str  # an adapter variant (wb.VARIANTS) or a baseline (wb.BASELINES: "full", "head")
+    rank: int | None  # None for a baseline
+    alpha: float | None  # None for variants without alpha (vera) and for baselines
+    targets: list[str] | None  # None: every adaptable layer (a baseline: none, it adapts no layer)
+    train: list[str] | None  # modules trained in full next to the adapters (add_adapters(train=...)), or by
+    #                          the "head" baseline on its frozen base; None: none ("full" trains everything)
+    options: dict[str, Any]  # every option of the variant; {} for a baseline
     lr: float
     optimizer: str
     steps: int
@@ -73,6 +75,8 @@ class RunRecord(TypedDict, total=False):
     message: str  # why it stopped, when it did not finish
     trainable: int  # trainable parameters
     saved_bytes: int | None  # bytes autograd saves for backward on one training batch
+    peak_rss: int | None  # the process's peak resident memory (bytes) while fit() trained, the largest over
+    #                       resumes (``wb.memory.peak_resident``); None where it cannot be measured
     started: str  # ISO 8601, UTC
     wall_time: float  # seconds of fit(), summed over resumes
     steps_done: int
@@ -210,10 +214,19 @@ def resolve_settings(task: Task, settings: dict[str, Any]) -> RunSettings:
     alpha None becomes the rank (for variants scaled by alpha / r), the variant's options get their
     defaults, targets and train None the task's defaults, mode None the monitor's (``wb.selection``),
     and trainer settings a record from before them lacks their defaults (``TRAINER_DEFAULTS``).
+    A baseline (``wb.BASELINES``) records rank, alpha and targets None and options {}; its train
+    is the task's default for "head", None for "full".
 
     Raises:
-        ValueError: an unknown variant or option, an invalid option value, a bad seed or mode.
+        ValueError: an unknown variant or option, an invalid option value, a bad seed or mode; an
+            adapter variant without a rank; a baseline given a rank, alpha, targets, options (or
+            train, for "full").
     """
+    if is_baseline(settings["variant"]):
+        return _resolve_baseline(task, settings)
+    if settings["rank"] is None:
+        raise ValueError(f"variant {settings['variant']!r} needs a rank, an integer >= 1; only the baselines "
+                         f"({', '.join(BASELINES)}) take rank=None")
     variant = get_variant(settings["variant"])
     alpha = settings["alpha"]
     if alpha is None and variant.uses_alpha and isinstance(settings["rank"], int):
@@ -229,10 +242,25 @@ def resolve_settings(task: Task, settings: dict[str, Any]) -> RunSettings:
             "mode": resolve_mode(settings["monitor"], settings.get("mode"))}
 
 
+def _resolve_baseline(task: Task, settings: dict[str, Any]) -> RunSettings:
+    name = settings["variant"]
+    check_baseline_settings(name, settings["rank"], settings["alpha"], settings["targets"], settings.get("train"),
+                            settings["options"])
+    train = settings.get("train")
+    if TAKES_TRAIN[name] and train is None and task.default_train is not None:
+        train = list(task.default_train)
+    check_seed(settings["seed"])
+    return {**TRAINER_DEFAULTS, **settings, "rank": None, "alpha": None, "targets": None, "train": train,
+            "options": {}, "mode": resolve_mode(settings["monitor"], settings.get("mode"))}
+
+
 def build_model(task: Task, settings: RunSettings) -> nn.Module:
-    """The run's adapted model before training: the task's base, adapted as the settings say, from the seed."""
+    """The run's model before training: the task's base, adapted as the settings say (or prepared for a
+    baseline: ``workbench.baselines.prepare_baseline``), from the seed."""
     torch.manual_seed(settings["seed"])
     model = task.base_model()
+    if is_baseline(settings["variant"]):
+        return prepare_baseline(model, settings["variant"], settings.get("train"))
     targets = settings["targets"] if settings["targets"] is not None else task.default_targets
     return add_adapters(model, settings["variant"], settings["rank"], settings["alpha"], targets,
                         train=settings.get("train"), **settings["options"])

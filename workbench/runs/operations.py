@@ -2,6 +2,8 @@
 
 Each rebuilds the run's model from its recorded settings (``layout.build_model``) and loads a
 checkpoint into it, so it works on any run directory, also one written by another process.
+Loading and evaluating work on every run, a baseline's ("full", "head") too; what needs adapters
+(export in PEFT's format, rank reduction, spectra, effective ranks) refuses a baseline run.
 """
 
 from __future__ import annotations
@@ -16,21 +18,54 @@ from torch import nn
 
 from .. import svd
 from ..adapt import trainable_parameters
+from ..baselines import BASELINES, is_baseline
 from ..checkpoints import CheckpointError, CheckpointManager, stages
 from ..peft_format import export_peft
 from ..svd import match_ranks, reduce_rank
 from ..tasks import Task, get_task
 from ..trainer import evaluate_task, held_out_metrics
-from .layout import build_model, checkpoints_path, is_run, read_record, run_of, task_of, write_record
+from .layout import (
+    RunSettings,
+    build_model,
+    checkpoints_path,
+    is_run,
+    read_record,
+    records,
+    run_of,
+    task_of,
+    write_record,
+)
 from .tables import checkpoint_table, load_checkpoints
 
 ModelOrCheckpoint = nn.Module | str | os.PathLike[str]
+
+
+def refuse_baseline(settings: RunSettings, run: Path, needs: str) -> None:
+    """Refuse an operation that needs adapters (``needs``, in words) on a baseline's run.
+
+    Raises:
+        ValueError: the run is of a baseline; the message names it and what works instead.
+    """
+    name = settings["variant"]
+    if is_baseline(name):
+        raise ValueError(f"run {run.name} is the baseline {name!r} ({BASELINES[name]}): it has no adapters, so "
+                         f"{needs}. Its checkpoints load as its whole model with wb.load_run_model(checkpoint) "
+                         "(and score with wb.evaluate_checkpoint)")
+
+
+def _settings_of(checkpoint: str | os.PathLike[str], needs: str) -> RunSettings:
+    """The settings of a checkpoint's run, refused for a baseline (``refuse_baseline``)."""
+    run = run_of(Path(checkpoint))
+    settings = read_record(run)["settings"]
+    refuse_baseline(settings, run, needs)
+    return settings
 
 
 def load_run_model(checkpoint: str | os.PathLike[str], task: Task | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a run's adapted model and load ``checkpoint`` into it; returns (model, progress).
 
     A checkpoint written after ``wb.reduce_rank`` loads too: the rebuilt layers take its ranks first.
+    A baseline's run ("full", "head") rebuilds the task's base model with its trained parameters.
     ``task``: the run's task when it is not a built-in one (a ``wb.tasks.Task`` of the recorded name).
 
     Raises:
@@ -60,9 +95,14 @@ def evaluate_checkpoints(run: str | os.PathLike[str], split: str = "val", task: 
 
 def export_checkpoint(checkpoint: str | os.PathLike[str], to: str | os.PathLike[str], format: str = "peft",
                       task: Task | None = None) -> Path:
-    """Export a run's checkpoint as an adapter another tool loads; only ``format="peft"`` for now."""
+    """Export a run's checkpoint as an adapter another tool loads; only ``format="peft"`` for now.
+
+    Raises:
+        ValueError: an unknown format, or a baseline's run (it has no adapter to export).
+    """
     if format != "peft":
         raise ValueError(f"unknown export format {format!r}; valid formats: peft")
+    _settings_of(checkpoint, "there is no adapter to export in PEFT's format")
     model, _ = load_run_model(checkpoint, task)
     return export_peft(model, to)
 
@@ -138,16 +178,15 @@ def reduce_checkpoint(
         (the new checkpoint's path, ``reduce_rank``'s per-layer table).
 
     Raises:
-        ValueError: ``out`` holds a run already, ``checkpoint`` is not a run's, or a bad
-            rank / energy (see ``wb.reduce_rank``); nothing is written then.
+        ValueError: ``out`` holds a run already, ``checkpoint`` is not a run's or is a baseline's,
+            or a bad rank / energy (see ``wb.reduce_rank``); nothing is written then.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file; the reduced checkpoint is kept as a run directory: give a new directory")
     if is_run(out):
         raise ValueError(f"{out} holds a run already; choose another directory for the reduced checkpoint")
-    source = read_record(run_of(Path(checkpoint)))
-    settings = source["settings"]
+    settings = _settings_of(checkpoint, "there is no adapter to reduce to a lower rank")
     task = task_of(settings, task)
     model, progress = load_run_model(checkpoint, task)
     table = reduce_rank(model, rank=rank, energy=energy)
@@ -170,18 +209,20 @@ def reduce_checkpoint(
 def _model_of(model_or_checkpoint: ModelOrCheckpoint, task: Task | None) -> nn.Module:
     if isinstance(model_or_checkpoint, nn.Module):
         return model_or_checkpoint
+    _settings_of(model_or_checkpoint, "there is no adapter update to take the spectrum or effective rank of")
     return load_run_model(model_or_checkpoint, task)[0]
 
 
 def spectrum(model_or_checkpoint: ModelOrCheckpoint, task: Task | None = None) -> pd.DataFrame:
     """``workbench.svd.spectrum`` of an adapted model, or of a run's checkpoint (loaded with ``load_run_model``,
-    ``task`` as there)."""
+    ``task`` as there); a checkpoint of a baseline's run is refused (a ValueError): it has no adapters."""
     return svd.spectrum(_model_of(model_or_checkpoint, task))
 
 
 def effective_rank(spectrum_or_model: pd.DataFrame | ModelOrCheckpoint, energy: float = 0.9,
                    task: Task | None = None) -> pd.Series:
-    """``workbench.svd.effective_rank`` of a spectrum table, an adapted model, or a run's checkpoint."""
+    """``workbench.svd.effective_rank`` of a spectrum table, an adapted model, or a run's checkpoint (not a
+    baseline's: see ``spectrum``)."""
     if isinstance(spectrum_or_model, pd.DataFrame):
         return svd.effective_rank(spectrum_or_model, energy)
     svd.check_energy(energy)
@@ -192,7 +233,8 @@ def spectrum_over_checkpoints(run: str | os.PathLike[str], energy: float = 0.9,
                               task: Task | None = None) -> pd.DataFrame:
     """Every layer's effective rank at every checkpoint of a run (or of every run in a directory).
 
-    Each checkpoint is loaded into a rebuilt model with ``load_run_model``.
+    Each checkpoint is loaded into a rebuilt model with ``load_run_model``. In a directory of
+    runs, the baselines' runs are left out (they have no adapters); a baseline's run itself is refused.
 
     Returns:
         Columns run, step, stage, layer, effective_rank (see ``wb.effective_rank``); one row per
@@ -200,8 +242,14 @@ def spectrum_over_checkpoints(run: str | os.PathLike[str], energy: float = 0.9,
         ``wb.plots.effective_rank_over_checkpoints``.
     """
     energy = svd.check_energy(energy)
+    found = records(run)
+    if is_run(run):
+        refuse_baseline(found[0][1]["settings"], found[0][0], "there are no adapter updates to take effective ranks of")
+    adapted = {path.name for path, record in found if not is_baseline(record["settings"]["variant"])}
     rows = []
     for _, checkpoint in load_checkpoints(run).iterrows():
+        if checkpoint["run"] not in adapted:
+            continue
         model, _ = load_run_model(checkpoint["path"], task)
         for layer, rank in svd.effective_rank(model, energy).items():
             stage = checkpoint["stage"] if isinstance(checkpoint["stage"], str) else None

@@ -1,4 +1,4 @@
-"""``Run``: one training run of a variant at a rank on a task, written to its own directory."""
+"""``Run``: one training run of a variant at a rank (or of a baseline) on a task, written to its own directory."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from ..adapt import trainable_parameters
 from ..checkpoints import CheckpointManager
-from ..memory import saved_activations
+from ..memory import PeakResident, peak_resident, saved_activations
 from ..targets import target_patterns
 from ..tasks import Task, get_task
 from ..trainer import Callback, Trainer, autocast, held_out_metrics
@@ -41,7 +41,11 @@ class Run:
     Args:
         task: a task name (``wb.tasks.TASKS``) or a ``wb.tasks.Task``.
         variant, rank, alpha, targets, train, **options: as for ``wb.add_adapters``; targets default
-            to the task's.
+            to the task's. ``variant`` may also be a baseline (``wb.BASELINES``): ``"full"`` trains
+            every parameter of the base model, ``"head"`` only the ``train`` modules (default the
+            task's ``default_train``) on a frozen base; a baseline takes ``rank=None`` and no alpha,
+            targets or options (see ``workbench.baselines``), e.g.
+            ``wb.Run("digits", "head", None, "runs/head", train=["head"])``.
         out: the run directory.
         lr, optimizer: see ``wb.make_optimizer``.
         steps, eval_every, save_every, seed, callbacks, progress_bar: see ``wb.Trainer``.
@@ -59,7 +63,7 @@ class Run:
         self,
         task: str | Task,
         variant: str,
-        rank: int,
+        rank: int | None,
         out: str | os.PathLike[str],
         *,
         alpha: float | None = None,
@@ -149,7 +153,12 @@ class Run:
         self.trainer.stop()
 
     def fit(self) -> dict[str, Any]:
-        """Train (or resume, or skip a finished run) and write the outcome; returns the run's record."""
+        """Train (or resume, or skip a finished run) and write the outcome; returns the run's record.
+
+        The record's ``peak_rss`` is the process's peak resident memory while the trainer ran
+        (``workbench.memory.peak_resident``), the larger of this fit's and an earlier one's of the
+        run; None where it cannot be measured.
+        """
         if self.finished:
             return self.record
         group, writer = self.trainer.process_group, self.trainer.is_writer
@@ -163,14 +172,17 @@ class Run:
             "saved_bytes": self._saved_bytes() if writer else None,
             "started": self.record.get("started", datetime.now(UTC).isoformat(timespec="seconds")),
             "wall_time": self.record.get("wall_time", 0.0),
+            "peak_rss": self.record.get("peak_rss"),
         }
         if group is not None:
             self.record["processes"] = self.trainer.world_size
         if writer:
             write_record(self.path, self.record)
         start = time.perf_counter()
+        peak = PeakResident()  # its bytes stay None if the trainer fails: the block never ended
         try:
-            status = self.trainer.fit(resume=self.resume)
+            with peak_resident() as peak:
+                status = self.trainer.fit(resume=self.resume)
         except BaseException as error:
             self.record.update(status="failed", message=f"{type(error).__name__}: {error}")
             raise
@@ -180,6 +192,8 @@ class Run:
                 self.record["test"] = self._test_best()
         finally:
             self.record["wall_time"] += time.perf_counter() - start
+            measured = [b for b in (self.record["peak_rss"], peak.bytes) if b is not None]
+            self.record["peak_rss"] = max(measured) if measured else None
             self.checkpoints.close()
             if writer:
                 write_record(self.path, self.record)
@@ -204,7 +218,7 @@ class Run:
                 **held_out_metrics(model, self.task, loaders, self.trainer.precision)}
 
 
-def train(task: str | Task, variant: str, rank: int, out: str | os.PathLike[str], **settings: Any) -> Path:
-    """Train one run (see ``Run`` for the settings) and return its directory."""
+def train(task: str | Task, variant: str, rank: int | None, out: str | os.PathLike[str], **settings: Any) -> Path:
+    """Train one run (see ``Run`` for the settings; rank None for a baseline) and return its directory."""
     Run(task, variant, rank, out, **settings).fit()
     return Path(out)

@@ -1,26 +1,32 @@
-"""Sweeps: one run per combination of variant, rank, learning rate and seed, in this process or on Ray."""
+"""Sweeps: one run per combination of variant, rank, learning rate and seed (a baseline: of learning rate and
+seed), in this process or on Ray."""
 
 from __future__ import annotations
 
 import itertools
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from ..adapters import variant_names
+from ..baselines import BASELINES, baseline_settings, check_train, is_baseline
 from ..checks import is_integer
-from ..tasks import Task
+from ..tasks import Task, get_task
 from .executors import EXECUTORS, Trial, run_local, run_on_ray
 from .tables import load_runs
 
 
-def trial_name(variant: str, rank: int, lr: float, seed: int, init: str = "default") -> str:
-    """The run directory's name, e.g. ``lora-r8-lr0.003-s0``, or ``lora-r8-lr0.003-s0-pissa`` with PiSSA init."""
-    return f"{variant}-r{rank}-lr{lr:g}-s{seed}" + ("" if init == "default" else f"-{init}")
+def trial_name(variant: str, rank: int | None, lr: float, seed: int, init: str = "default") -> str:
+    """The run directory's name, e.g. ``lora-r8-lr0.003-s0``, or ``lora-r8-lr0.003-s0-pissa`` with PiSSA init.
+
+    A baseline has no rank (``rank=None``): ``full-lr5e-05-s0``.
+    """
+    rank_part = "" if rank is None else f"-r{rank}"
+    return f"{variant}{rank_part}-lr{lr:g}-s{seed}" + ("" if init == "default" else f"-{init}")
 
 
 def _choices(name: str, values: Sequence[Any]) -> list[Any]:
@@ -32,13 +38,33 @@ def _choices(name: str, values: Sequence[Any]) -> list[Any]:
     return list(values)
 
 
+def _learning_rates(lrs: Sequence[float] | Mapping[str, Sequence[float]] | None, variants: list[str],
+                    default: float) -> dict[str, list[float]]:
+    """Each variant's learning rates: ``lrs`` for all, or a mapping's list for each; None: ``[default]``."""
+    if lrs is None:
+        return {variant: [default] for variant in variants}
+    if not isinstance(lrs, Mapping):
+        values = _choices("lrs", lrs)
+        return {variant: values for variant in variants}
+    missing = [variant for variant in variants if variant not in lrs]
+    if missing:
+        raise ValueError(f"lrs maps variants to their learning rates and has none for {', '.join(missing)}: give "
+                         f"every variant of the sweep its list, e.g. lrs={{{missing[0]!r}: [1e-4], ...}}, or one "
+                         "list for all (lrs=[3e-3])")
+    extra = [name for name in lrs if name not in variants]
+    if extra:
+        raise ValueError(f"lrs names {', '.join(map(repr, extra))}, which the sweep does not train (its variants: "
+                         f"{', '.join(variants)}): leave it out or add it to variants")
+    return {variant: _choices(f"lrs[{variant!r}]", lrs[variant]) for variant in variants}
+
+
 def sweep(
     task: str | Task,
     variants: Sequence[str] | None = None,
     ranks: Sequence[int] = (2, 8),
     steps: int = 300,
     out: str | os.PathLike[str] = "runs",
-    lrs: Sequence[float] | None = None,
+    lrs: Sequence[float] | Mapping[str, Sequence[float]] | None = None,
     seeds: Sequence[int] | None = None,
     search: str = "grid",
     trials: int | None = None,
@@ -54,6 +80,17 @@ def sweep(
     call always picks the same trials. Run again after an interruption, a sweep skips the
     finished trials and resumes the unfinished ones from their newest checkpoints.
 
+    ``variants`` may name the baselines (``wb.BASELINES``: ``"full"`` fine-tuning, ``"head"``
+    on a frozen base) beside the adapters; a baseline has no rank, so it is one trial per
+    (lr, seed), not per rank. Learning rates may differ by variant, since full fine-tuning wants
+    ~1e-4 where LoRA wants ~2e-3::
+
+        wb.sweep("reviews", ["lora", "full", "head"], [8], lrs={"lora": [2e-3], "full": [1e-4], "head": [2e-3]})
+
+    The settings that only adapters take (alpha, targets, the variants' options; and train for
+    "full") go to the adapters' trials only, so one sweep compares ``lora`` on chosen targets to
+    the baselines.
+
     With ``executor="ray"`` every trial is a Ray task, and trials run side by side::
 
         wb.sweep("digits", ["lora", "vera"], [2, 8], out="/shared/runs", executor="ray")  # a local instance
@@ -65,8 +102,11 @@ def sweep(
     ``workbench.runs.executors``). Ray is imported only here, for ``executor="ray"``.
 
     Args:
-        variants: default every registered variant (``wb.VARIANTS``, read when the sweep starts).
-        lrs: learning rates; default ``[settings.get("lr", 3e-3)]``.
+        variants: adapter variants and baselines; default every registered variant (``wb.VARIANTS``,
+            read when the sweep starts), no baseline.
+        ranks: the adapters' ranks (baselines have none).
+        lrs: learning rates, one list for every variant, or a mapping of every variant of the sweep
+            to its list (``{"lora": [2e-3], "full": [1e-4, 3e-5]}``); default ``[settings.get("lr", 3e-3)]``.
         seeds: default ``[0]``.
         executor: "local" (default: one trial after another, in this process) or "ray".
         address: Ray only. None starts a local Ray instance for the sweep's duration, limited to
@@ -77,21 +117,25 @@ def sweep(
             callbacks, ...). On Ray, callbacks are copied to the workers and run there.
 
     Raises:
-        ValueError: an unknown variant, search or executor, an empty list of variants, ranks, lrs
-            or seeds, ``trials`` missing for a random search, ``out`` a file, or Ray's options with
-            ``executor="local"``; any setting a ``wb.Run`` refuses (checked on the first trial
-            before it trains).
+        ValueError: an unknown variant (the message lists the variants and baselines), search or
+            executor, an empty list of variants, ranks, lrs or seeds, a mapping of lrs that misses
+            a variant of the sweep or names another, ``trials`` missing for a random search,
+            ``out`` a file, or Ray's options with ``executor="local"``; the "head" baseline with no
+            train modules (given or the task's default); adapter settings for a sweep of baselines
+            only; any setting a ``wb.Run`` refuses (checked on the first trial before it trains).
         TypeError: variants, ranks, lrs or seeds given as one value (``"lora"``) instead of a list.
         workbench.runs.executors.MissingExtraError: ``executor="ray"`` without Ray installed (an ImportError).
     """
     names = variant_names()
     variants = _choices("variants", names if variants is None else variants)
     ranks = _choices("ranks", ranks)
-    lrs = _choices("lrs", lrs) if lrs is not None else None
+    if lrs is not None and not isinstance(lrs, Mapping):
+        lrs = _choices("lrs", lrs)
     seeds = _choices("seeds", seeds) if seeds is not None else None
-    unknown = [v for v in variants if v not in names]
+    unknown = [v for v in variants if v not in names and not is_baseline(v)]
     if unknown:
-        raise ValueError(f"unknown variant {unknown[0]!r}; valid variants: {', '.join(names)}")
+        raise ValueError(f"unknown variant {unknown[0]!r}; valid variants: {', '.join(names)}; valid baselines: "
+                         f"{', '.join(BASELINES)}")
     if search not in ("grid", "random"):
         raise ValueError(f"search must be 'grid' or 'random', not {search!r}")
     if executor not in EXECUTORS:
@@ -101,9 +145,11 @@ def sweep(
                          "(--executor ray); the local executor runs trials in this process")
     if not is_integer(cpus_per_trial) or cpus_per_trial < 1:
         raise ValueError(f"cpus_per_trial must be an integer >= 1, not {cpus_per_trial!r}")
-    lrs = list(lrs) if lrs is not None else [settings.pop("lr", 3e-3)]
-    settings.pop("lr", None)
-    grid = list(itertools.product(variants, ranks, lrs, seeds if seeds is not None else [0]))
+    learning_rates = _learning_rates(lrs, variants, settings.pop("lr", 3e-3))
+    _check_baselines(task, variants, settings)
+    grid = [(variant, rank, lr, seed) for variant in variants
+            for rank, lr, seed in itertools.product([None] if is_baseline(variant) else ranks,
+                                                    learning_rates[variant], seeds if seeds is not None else [0])]
     if search == "random":
         if not isinstance(trials, int) or trials < 1:
             raise ValueError(f"a random search needs trials, an integer >= 1, not {trials!r}")
@@ -111,9 +157,29 @@ def sweep(
     root = Path(out).absolute()  # a Ray worker's working directory is not ours
     if root.exists() and not root.is_dir():
         raise ValueError(f"{out} is a file; a sweep writes a directory of runs: give a directory")
-    runs = [Trial(root / trial_name(*trial, init=settings.get("init", "default")), *trial) for trial in grid]
+    init = settings.get("init", "default")  # a baseline has no options, so no init
+    runs = [Trial(root / trial_name(*trial, init="default" if is_baseline(trial[0]) else init), *trial)
+            for trial in grid]
     if executor == "ray":
         run_on_ray(task, runs, steps, settings, address, cpus_per_trial)
     else:
         run_local(task, runs, steps, settings)
     return load_runs(out)
+
+
+def _check_baselines(task: str | Task, variants: list[str], settings: dict[str, Any]) -> None:
+    """Refuse, before any trial trains, what a sweep's baselines would: adapter settings that no trial
+    uses, and "head" without train modules."""
+    baselines = [variant for variant in variants if is_baseline(variant)]
+    if not baselines:
+        return
+    if len(baselines) == len(variants):
+        used = set().union(*(baseline_settings(name, settings) for name in baselines))
+        unused = [key for key, value in settings.items() if key not in used and value is not None]
+        if unused:
+            raise ValueError(f"{', '.join(unused)}: settings of adapters, and the sweep trains only the baselines "
+                             f"{', '.join(baselines)}, which take none of them: leave them out")
+    if settings.get("train") is None:
+        default = (get_task(task) if isinstance(task, str) else task).default_train
+        for name in baselines:
+            check_train(name, default)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from .. import metrics_log
+from .. import metrics_log, stats
 from ..checkpoints import CheckpointManager
 from ..selection import best_index, resolve_mode
 from .layout import checkpoints_path, metrics_path, read_record, records, run_directories
@@ -29,12 +29,16 @@ def checkpoint_table(run: Path) -> pd.DataFrame:
 def load_runs(directory: str | os.PathLike[str]) -> pd.DataFrame:
     """One row per run under ``directory`` (or for the run ``directory`` is).
 
-    Columns: run, task, variant, rank, alpha, lr, seed, trainable, saved_bytes, steps, steps_done,
-    monitor, best_value, best_step, best_checkpoint (by validation, among checkpoints that pass
-    verification), test_loss and test_acc (measured on that checkpoint), wall_time (seconds),
-    status, path; then any other held-out metric the runs measured on that checkpoint (a language
-    model's test_ppl, forget_loss, forget_ppl, ...). Runs still going show their checkpoints so
-    far; a run whose config.json is unreadable is left out with a warning.
+    Columns: run, task, variant, rank (None for the baselines "full" and "head"), options (the
+    variant's options that differ from their defaults, e.g. "init=pissa"; "" for none), alpha, lr,
+    seed, trainable, saved_bytes, peak_rss (bytes; the process's peak resident memory while the run
+    trained, where measurable), steps, steps_done, monitor, best_value, best_step, best_checkpoint
+    (by validation, among checkpoints that pass verification), that checkpoint's validation
+    metrics (val_loss, val_acc, ...: one checkpoint per run, chosen by the one rule), test_loss and
+    test_acc (measured on that checkpoint), wall_time (seconds), status, path; then any other held-out metric the runs
+    measured on that checkpoint (a language model's test_ppl, forget_loss, forget_ppl, ...). Runs
+    still going show their checkpoints so far; a run whose config.json is unreadable is left out
+    with a warning.
     """
     rows = []
     for run, record in records(directory):
@@ -46,19 +50,30 @@ def load_runs(directory: str | os.PathLike[str]) -> pd.DataFrame:
         test = record.get("test", {})
         rows.append({
             "run": run.name, "task": settings["task"], "variant": settings["variant"], "rank": settings["rank"],
-            "alpha": settings["alpha"], "lr": settings["lr"], "seed": settings["seed"],
+            "options": stats.options_label(settings["variant"], settings["options"]), "alpha": settings["alpha"],
+            "lr": settings["lr"], "seed": settings["seed"],
             "trainable": record.get("trainable"), "saved_bytes": record.get("saved_bytes"),
-            "steps": settings["steps"],
+            "peak_rss": record.get("peak_rss"), "steps": settings["steps"],
             "steps_done": record.get("steps_done", int(table["step"].max()) if len(table) else 0),
             "monitor": monitor, "best_value": None if best is None else float(best[monitor]),
             "best_step": None if best is None else int(best["step"]),
             "best_checkpoint": None if best is None else best["path"],
+            **({} if best is None else {metric: float(best[metric]) for metric in table.columns
+                                         if metric.startswith("val_") and pd.notna(best[metric])}),
             "test_loss": test.get("test_loss"), "test_acc": test.get("test_acc"),
             "wall_time": record.get("wall_time"), "status": record.get("status"), "path": str(run),
             **{key: value for key, value in test.items()
                if key not in ("checkpoint", "step", "test_loss", "test_acc")},
         })
     return pd.DataFrame(rows)
+
+
+def summarize(runs: pd.DataFrame | str | os.PathLike[str]) -> pd.DataFrame:
+    """One row per configuration of a runs directory (or of its ``load_runs`` table), with 95% intervals over seeds.
+
+    See ``workbench.stats.summarize`` for the columns.
+    """
+    return stats.summarize(runs if isinstance(runs, pd.DataFrame) else load_runs(runs))
 
 
 def load_metrics(run_or_directory: str | os.PathLike[str]) -> pd.DataFrame:

@@ -2,7 +2,10 @@
 
 Runs are filtered by variant and rank; the chosen ones are drawn in one plotly FigureWidget
 (``wb.plots.validation_curves``, markers at the checkpoints) whose data is replaced in place on
-every change, beside a table of trainable parameters against each run's best validation metric.
+every change, above a table of trainable parameters against each run's best validation metric.
+Below them, the chosen runs' configurations (``wb.summarize``: mean and interval over seeds):
+their Pareto fronts against each cost (``wb.plots.pareto_fronts``) and their best value against
+the learning rate (``wb.plots.lr_sensitivity``), each in a FigureWidget of the panel's width.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import workbench as wb
 from .panel import BEST_STYLE, Panel, catching, html_table, redraw, show
 
 METRICS = {"loss": "validation loss", "acc": "validation accuracy"}
+NO_RANK = 0  # the ranks filter's value for the runs without a rank (the baselines "full" and "head")
 
 
 def _reselect(select: widgets.SelectMultiple, options: Sequence[tuple[str, Any]]) -> None:
@@ -37,11 +41,16 @@ class Compare(Panel):
         runs_dir: a directory of runs (as ``wb.sweep`` writes), or one run.
 
     Attributes:
-        variants, ranks: multi-selects that filter the runs offered.
+        variants, ranks: multi-selects that filter the runs offered (the ranks' value ``NO_RANK``,
+            labelled "none", passes the baselines, which have no rank).
         runs: a multi-select of the runs drawn (those the filters pass).
         metric: the validation metric drawn and ranked: ``"loss"`` (lowest best) or ``"acc"`` (highest).
         figure: the one ``go.FigureWidget``: a line per chosen run, markers at its checkpoints.
         table: per chosen run: trainable parameters against its best checkpoint by the metric.
+        summary: ``wb.summarize`` of the chosen runs (one row per configuration).
+        pareto: a ``go.FigureWidget`` of ``wb.plots.pareto_fronts(summary)``: each configuration's
+            best value (the runs' monitor) against trainable parameters, peak memory and wall time.
+        sensitivity: a ``go.FigureWidget`` of ``wb.plots.lr_sensitivity(summary)``.
         best_button: sets ``best`` (``pick_best``); status: messages and errors.
         best: the best checkpoint over the chosen runs, or None until picked.
         widget: the panel.
@@ -57,6 +66,7 @@ class Compare(Panel):
         self.run_table = pd.DataFrame()
         self.metrics = pd.DataFrame()
         self.checkpoints = pd.DataFrame()
+        self.summary = pd.DataFrame()
         self._quiet = False
 
         self.variants = widgets.SelectMultiple(description="variants", rows=5)
@@ -69,6 +79,8 @@ class Compare(Panel):
         self.refresh_button = widgets.Button(description="Refresh", icon="refresh")
         self.figure = go.FigureWidget()
         self.table = widgets.HTML()
+        self.pareto = go.FigureWidget()
+        self.sensitivity = go.FigureWidget()
         self.status = widgets.HTML()
 
         self.variants.observe(catching(self.status, self._filter), names="value")
@@ -81,7 +93,7 @@ class Compare(Panel):
         self.widget = widgets.VBox([
             widgets.HBox([self.variants, self.ranks, self.runs]),
             widgets.HBox([self.metric, self.best_button, self.refresh_button]),
-            self.figure, self.table, self.status,
+            self.figure, self.table, self.pareto, self.sensitivity, self.status,
         ])
         self.refresh()
 
@@ -105,7 +117,8 @@ class Compare(Panel):
         self._quiet = True
         try:
             _reselect(self.variants, [(v, v) for v in variants])
-            _reselect(self.ranks, [(str(r), int(r)) for r in sorted(set(runs["rank"]))])
+            ranks = [(str(int(r)), int(r)) for r in sorted(set(runs["rank"].dropna()))]
+            _reselect(self.ranks, ranks + ([("none", NO_RANK)] if runs["rank"].isna().any() else []))
         finally:
             self._quiet = False
         self._filter()
@@ -114,8 +127,9 @@ class Compare(Panel):
     def _filter(self, _: Any = None) -> None:
         if self._quiet:
             return
-        chosen = self.run_table[self.run_table["variant"].isin(self.variants.value)
-                                & self.run_table["rank"].isin(self.ranks.value)]
+        rank, ranks = self.run_table["rank"], self.ranks.value
+        passed = rank.isin([r for r in ranks if r != NO_RANK]) | (rank.isna() & (NO_RANK in ranks))
+        chosen = self.run_table[self.run_table["variant"].isin(self.variants.value) & passed]
         self._quiet = True
         try:
             _reselect(self.runs, [(run, run) for run in chosen["run"]])
@@ -153,6 +167,23 @@ class Compare(Panel):
             figure.update_layout(title="No run chosen: choose runs (or widen the variant and rank filters)")
         redraw(self.figure, figure)
         self.table.value = self._table_html(chosen, metric)
+        self._draw_configurations(chosen)
+
+    def _draw_configurations(self, chosen: Sequence[str]) -> None:
+        """Summarize the chosen runs and redraw the Pareto fronts and the lr sensitivity from the summary."""
+        try:
+            self.summary = wb.summarize(self.run_table[self.run_table["run"].isin(chosen)])
+            pareto, sensitivity = wb.plots.pareto_fronts(self.summary), wb.plots.lr_sensitivity(self.summary)
+        except ValueError as error:  # the chosen runs monitor several metrics, or are of several tasks
+            self.summary = pd.DataFrame()
+            pareto = go.Figure(layout={"title": f"No Pareto front: {error}", "template": wb.plots.TEMPLATE})
+            sensitivity = go.Figure(layout={"title": "No lr sensitivity: choose runs of one task and monitor",
+                                            "template": wb.plots.TEMPLATE})
+        if not chosen:
+            pareto.update_layout(title="No run chosen: no configuration to place against its costs")
+            sensitivity.update_layout(title="No run chosen: no configuration to draw against the learning rate")
+        redraw(self.pareto, pareto.update_layout(height=430))
+        redraw(self.sensitivity, sensitivity.update_layout(height=400))
 
     def run_summary(self, runs: Sequence[str] | None = None) -> pd.DataFrame:
         """Per run (default: the chosen ones): run, variant, rank, trainable, its best checkpoint's
@@ -170,7 +201,9 @@ class Compare(Panel):
             row = mine.loc[best]
             bests.append({"run": run, metric: float(row[metric]), "best step": int(row["step"])})
         columns = ["run", "variant", "rank", "trainable", metric, "best step", "test_loss", "test_acc", "status"]
-        summary = table.merge(pd.DataFrame(bests, columns=["run", metric, "best step"]), on="run")
+        # load_runs' own val_<metric> is the monitor's checkpoint's; this table's is the best by the metric
+        summary = table.drop(columns=[metric, "best step"], errors="ignore").merge(
+            pd.DataFrame(bests, columns=["run", metric, "best step"]), on="run")
         return summary[columns].sort_values(["trainable", "run"], kind="stable").reset_index(drop=True)
 
     def _table_html(self, chosen: Sequence[str], metric: str) -> str:

@@ -288,7 +288,9 @@ class Workbench(Panel):
 
     Attributes:
         variant, ranks, alpha, lr, steps, eval_every, save_every, seed, targets: the controls
-            (``ranks`` and ``targets`` are multi-selects; ``alpha`` 0 means alpha = rank).
+            (``ranks`` and ``targets`` are multi-selects; ``alpha`` 0 means alpha = rank). ``variant``
+            offers ``wb.VARIANTS``, then the baselines ``wb.BASELINES`` ("full", "head"), for which
+            ranks and targets are disabled and ignored: one run, of the base model itself.
             ``targets`` lists the ``target_groups``, attention first, then MLP, head and other, one
             line per part the modules play, e.g. "attention: query (6 × 384→384)"; its values are
             the groups' patterns, passed as ``targets=`` (the task's default targets chosen at first,
@@ -327,7 +329,9 @@ class Workbench(Panel):
         self._default_targets = tuple(group.pattern for group in self.target_groups if group.default)
 
         variants = wb.variant_names()
-        self.variant = widgets.Dropdown(options=variants, value=variants[0], description="variant")
+        self.variant = widgets.Dropdown(options=(*variants, *wb.BASELINES), value=variants[0], description="variant",
+                                        tooltip="an adapter variant, or a baseline: " + "; ".join(
+                                            f"{name}, {about}" for name, about in wb.BASELINES.items()))
         self.ranks = widgets.SelectMultiple(options=RANKS, value=(8,), rows=len(RANKS), description="rank(s)")
         self.alpha = widgets.FloatText(value=0.0, description="alpha (0 = rank)", style=_WIDE)
         self.lr = widgets.BoundedFloatText(value=3e-3, min=1e-6, max=1.0, step=1e-4, description="learning rate",
@@ -379,10 +383,16 @@ class Workbench(Panel):
     # -- display ------------------------------------------------------------------------------
 
     def _show_variant_controls(self) -> None:
-        """Show the chosen variant's controls only; one not edited since it was shown takes its default."""
+        """Show the chosen variant's controls only; one not edited since it was shown takes its default.
+
+        A baseline (``wb.BASELINES``) has no alpha and no options, and ranks and targets are disabled:
+        it is one run, of the base model itself.
+        """
         variant = self.variant.value
-        self.alpha.layout.display = "" if wb.get_variant(variant).uses_alpha else "none"
-        options = wb.variant_options(variant)
+        baseline = variant in wb.BASELINES
+        self.ranks.disabled = self.targets.disabled = baseline
+        self.alpha.layout.display = "" if not baseline and wb.get_variant(variant).uses_alpha else "none"
+        options = {} if baseline else wb.variant_options(variant)
         for name, control in self.options.items():
             option = options.get(name)
             control.layout.display = "none" if option is None else ""
@@ -454,14 +464,21 @@ class Workbench(Panel):
         self._say(f"not launched: {message}", error=True)
         return False
 
-    def _settings(self) -> tuple[list[int], dict[str, Any]]:
-        """The chosen ranks and the ``wb.Run`` keyword settings shared by all of them."""
-        ranks = sorted(self.ranks.value)
+    def _settings(self) -> tuple[list[int | None], dict[str, Any]]:
+        """The chosen ranks and the ``wb.Run`` keyword settings shared by all of them.
+
+        A baseline is one run, rank None, without alpha, targets or options (their controls are ignored).
+        """
+        variant = self.variant.value
+        shared = {"lr": float(self.lr.value), "steps": self.steps.value, "eval_every": self.eval_every.value,
+                  "save_every": self.save_every.value, "seed": self.seed.value}
+        if variant in wb.BASELINES:
+            return [None], shared
+        ranks: list[int | None] = sorted(self.ranks.value)
         if not ranks:
             raise ValueError("choose at least one rank")
         if not self.targets.value:
             raise ValueError("choose at least one target module")
-        variant = self.variant.value
         uses_alpha = wb.get_variant(variant).uses_alpha
         alpha = float(self.alpha.value)
         if not math.isfinite(alpha) or alpha < 0:
@@ -472,9 +489,7 @@ class Workbench(Panel):
                    if self.options[name].value != option.default}
         settings = {
             "alpha": alpha if uses_alpha and alpha > 0 else None,
-            "targets": None if tuple(targets) == self._default_targets else targets,
-            "lr": float(self.lr.value), "steps": self.steps.value, "eval_every": self.eval_every.value,
-            "save_every": self.save_every.value, "seed": self.seed.value, **options,
+            "targets": None if tuple(targets) == self._default_targets else targets, **shared, **options,
         }
         return ranks, settings
 
