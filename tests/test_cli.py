@@ -83,6 +83,19 @@ def test_commands_end_to_end(tmp_path, cache, capsys, monkeypatch):
     assert main(["runs", str(runs)]) == 0
     assert capsys.readouterr().out.count("finished") == 2
 
+    assert main(["summary", str(runs)]) == 0  # one seed each: the mean is the run's, no interval
+    out = capsys.readouterr().out
+    table = wb.load_runs(runs).set_index("variant")
+    assert "best val_loss" in out.splitlines()[0] and "seeds" in out.splitlines()[0]
+    for variant in ("lora", "vera"):
+        line = next(line for line in out.splitlines() if line.split()[0] == variant)
+        assert f"{table.loc[variant, 'best_value']:.4g}" in line.split() and " NaN " in line
+    assert main(["claims", str(runs)]) == 0
+    out = capsys.readouterr().out
+    ratio = table.loc["lora", "trainable"] / table.loc["vera", "trainable"]
+    vera = next(line for line in out.splitlines() if "VeRA trains at least 10x" in line)
+    assert vera.split()[0] == "inconclusive" and f"{ratio:.3g}, 1 seed, no interval" in vera  # one seed decides nothing
+
     lora = wb.best_checkpoint(runs / "lora-r2-lr0.003-s0")
     assert main(["spectrum", str(lora), "--energy", "0.5"]) == 0
     out = capsys.readouterr().out

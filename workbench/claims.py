@@ -272,7 +272,9 @@ def check_claims(runs: pd.DataFrame | str | os.PathLike[str], metrics: pd.DataFr
         *_speed(PISSA, runs, metrics, summary, (LORA, "init=pissa"), (LORA, DEFAULT)),
         *_forgetting(runs, summary),
     ]
-    return pd.DataFrame(rows, columns=COLUMNS)
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    table["rank"] = pd.Series([row["rank"] for row in rows], dtype=object)  # ranks stay integers ("8 to 64" a text)
+    return table
 
 
 CLAIMS = (LORA_PLUS, VERA_PARAMETERS, VERA_COST, LORA_FA_MEMORY, LORA_FA_COST, DELTA_LORA, RSLORA, PISSA, FORGETTING)

@@ -1,4 +1,4 @@
-"""The ``workbench`` command line: train, sweep, runs, best, export, report, and the default experiment."""
+"""The ``workbench`` command line: train, sweep, the tables (runs, summary, claims), best, export, report."""
 
 from __future__ import annotations
 
@@ -29,11 +29,11 @@ from .runs import (
     load_runs,
     reduce_checkpoint,
     spectrum,
+    summarize,
     sweep,
     train,
 )
 from .runs.executors import EXECUTORS, MissingExtraError
-from .stats import summarize
 from .tasks import TASKS, Task, causal_lm, text_classification
 from .trainer import PRECISIONS, SCHEDULES, Callback, Trainer
 
@@ -289,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     runs = commands.add_parser("runs", help="print the runs table")
     runs.add_argument("directory", type=Path, help="a run or a runs directory")
+    summary = commands.add_parser("summary", help="print one row per configuration: the mean and 95%% interval "
+                                  "over seeds of the best validation and the test metric, and the costs")
+    summary.add_argument("directory", type=Path, help="a runs directory")
+    claims = commands.add_parser("claims", help="print the published claims checked on the runs: effect, 95%% "
+                                 "interval over paired seeds, verdict")
+    claims.add_argument("directory", type=Path, help="a runs directory")
 
     best = commands.add_parser("best", help="print the path of the best checkpoint (by validation)")
     best.add_argument("directory", type=Path, help="a run or a runs directory")
@@ -329,6 +335,33 @@ def _print_table(table: pd.DataFrame) -> None:
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}") if len(shown) else "no runs")
 
 
+def _print_summary(summary: pd.DataFrame) -> None:
+    """``wb.summarize``'s table, its columns named for the metric they hold."""
+    if summary.empty:
+        print("no runs")
+        return
+    monitor, test = summary["monitor"].iloc[0], summary["test_metric"].iloc[0]
+    columns = {"variant": "variant", "rank": "rank", "options": "options", "lr": "lr", "n": "seeds",
+               "best_mean": f"best {monitor}", "best_low": "95% low", "best_high": "95% high", "test_mean": test,
+               "test_low": "test low", "test_high": "test high", "trainable": "trainable",
+               "wall_time": "wall time (s)"}
+    shown = summary[list(columns)].rename(columns=columns)
+    shown["rank"] = ["-" if pd.isna(rank) else int(rank) for rank in shown["rank"]]
+    if not shown["options"].astype(bool).any():
+        shown = shown.drop(columns="options")
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+
+
+def _print_claims(claims: pd.DataFrame) -> None:
+    """``wb.check_claims``' table, one line per claim and rank: verdict, claim, effect [95% interval], seeds."""
+    for row in claims.itertuples():
+        where = "" if pd.isna(row.rank) else f" (rank {row.rank})"
+        effect = "" if pd.isna(row.effect) else (
+            f": {row.effect:.3g} [{row.ci_low:.3g}, {row.ci_high:.3g}], {row.n} seeds" if not pd.isna(row.ci_low)
+            else f": {row.effect:.3g}, {row.n} seed{'s' if row.n != 1 else ''}, no interval")
+        print(f"  {row.verdict:<14} {row.claim}{where}{effect}")
+
+
 class _Announce(Callback):
     """Prints one line as each run of the experiment ends: which of how many, its name, status and time."""
 
@@ -361,20 +394,9 @@ def _experiment(args: argparse.Namespace) -> None:
     summary = summarize(table)
     monitor = summary["monitor"].iloc[0]
     print(f"\nconfigurations, best first by mean best {monitor} over {len(seeds)} seeds (95% intervals):")
-    columns = {"variant": "variant", "rank": "rank", "lr": "lr", "n": "seeds", "best_mean": f"best {monitor}",
-               "best_low": "low", "best_high": "high", "test_mean": summary["test_metric"].iloc[0],
-               "test_low": "test low", "test_high": "test high", "trainable": "trainable",
-               "wall_time": "seconds"}
-    shown = summary[list(columns)].rename(columns=columns)
-    shown["rank"] = ["-" if pd.isna(rank) else int(rank) for rank in shown["rank"]]
-    print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    claims = check_claims(table, load_metrics(args.out))
+    _print_summary(summary)
     print("\nclaims, effect over paired seeds with its 95% interval (details in the report):")
-    for row in claims.itertuples():
-        effect = "" if pd.isna(row.effect) else (
-            f"{row.effect:.3g} [{row.ci_low:.3g}, {row.ci_high:.3g}], n={row.n}" if not pd.isna(row.ci_low)
-            else f"{row.effect:.3g}, n={row.n}")
-        print(f"  {row.verdict:<14} {row.claim}" + (f": {effect}" if effect else ""))
+    _print_claims(check_claims(table, load_metrics(args.out)))
     print(f"\nreport: {args.report}")
     print(f"best checkpoint ({monitor}): {best_checkpoint(args.out, monitor)}")
 
@@ -405,6 +427,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             _print_table(table)
         elif args.command == "runs":
             _print_table(load_runs(args.directory))
+        elif args.command == "summary":
+            _print_summary(summarize(args.directory))
+        elif args.command == "claims":
+            _print_claims(check_claims(args.directory))
         elif args.command == "best":
             print(best_checkpoint(args.directory, args.metric, args.mode))
         elif args.command == "export":

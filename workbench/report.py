@@ -36,7 +36,7 @@ RUN_COLUMNS = {"run": "run", "variant": "variant", "rank": "rank", "options": "o
 SUMMARY_COLUMNS = {"variant": "variant", "rank": "rank", "options": "options", "lr": "lr", "n": "seeds",
                    "best_mean": "best {monitor}: mean", "best_low": "best: 95% low", "best_high": "best: 95% high",
                    "test_mean": "{test}: mean", "test_low": "test: 95% low", "test_high": "test: 95% high",
-                   "trainable": "trainable parameters", "peak_rss": "peak memory (bytes)",
+                   "trainable": "trainable parameters", "peak_rss": "peak memory (MB)",
                    "wall_time": "wall time (s)", "diverged": "diverged runs"}
 CLAIM_COLUMNS = {"claim": "claim", "source": "source", "task": "task", "rank": "rank", "effect": "effect",
                  "ci_low": "95% low", "ci_high": "95% high", "n": "seeds", "threshold": "threshold",
@@ -127,7 +127,7 @@ def _claims_table(claims: pd.DataFrame) -> str:
 def _summary_table(summary: pd.DataFrame, monitor: str) -> str:
     test = summary["test_metric"].iloc[0] if len(summary) else "test"
     columns = {k: v.format(monitor=monitor, test=test) for k, v in SUMMARY_COLUMNS.items()}
-    shown = summary[list(columns)].rename(columns=columns)
+    shown = summary.assign(peak_rss=summary["peak_rss"] / 1e6)[list(columns)].rename(columns=columns)
     first = shown.index[0] if len(shown) else None
     return f'<div class="scroll">{table_html(shown, lambda row: row.name == first)}</div>'
 
