@@ -92,13 +92,6 @@ def _pairs(summary: pd.DataFrame, first: tuple[str, str], second: tuple[str, str
             yield task, int(rank), one, two
 
 
-def _effects(runs: pd.DataFrame, one: pd.Series, two: pd.Series, column: str,
-             effect: Callable[[pd.Series, pd.Series], pd.Series]) -> pd.Series:
-    """``effect(first's column, second's column)`` per shared seed."""
-    table = paired(runs, one, two, column)
-    return effect(table["first"], table["second"])
-
-
 def _shortfall(mode: str) -> Callable[[pd.Series, pd.Series], pd.Series]:
     """How much worse ``theirs`` is than ``ours`` relative to ours (positive: worse), for a metric's mode."""
     sign = 1.0 if mode == "min" else -1.0
@@ -184,29 +177,21 @@ FORGETTING = Claim(
     "best checkpoints; holds if < 0", 0.0, "below")
 
 
-def _accuracy_cost(claim: Claim, runs: pd.DataFrame, summary: pd.DataFrame, variant: str) -> list[dict[str, Any]]:
-    if "val_acc" not in runs:
+def _paired(claim: Claim, runs: pd.DataFrame, summary: pd.DataFrame, variant: str, column: str,
+            effect: Callable[[pd.Series, pd.Series], pd.Series], rank_free: bool = False) -> list[dict[str, Any]]:
+    """The claim at each task and rank where LoRA and ``variant`` ran: ``effect(LoRA's column, variant's)`` per
+    shared seed; ``rank_free``: ``variant`` is a baseline, compared with LoRA at every rank."""
+    if column not in runs:
         return [claim.row()]
-    rows = [claim.row(task, rank, _effects(runs, ours, theirs, "val_acc", lambda a, b: a - b))
-            for task, rank, ours, theirs in _pairs(summary, (LORA, DEFAULT), (variant, DEFAULT))]
+    rows = []
+    for task, rank, ours, theirs in _pairs(summary, (LORA, DEFAULT), (variant, DEFAULT), rank_free):
+        table = paired(runs, ours, theirs, column)
+        rows.append(claim.row(task, rank, effect(table["first"], table["second"])))
     return rows or [claim.row()]
 
 
-def _ratio(claim: Claim, runs: pd.DataFrame, summary: pd.DataFrame, variant: str, column: str,
-           lora_over_variant: bool) -> list[dict[str, Any]]:
-    def effect(lora: pd.Series, other: pd.Series) -> pd.Series:
-        return lora / other if lora_over_variant else other / lora
-
-    rows = [claim.row(task, rank, _effects(runs, ours, theirs, column, effect))
-            for task, rank, ours, theirs in _pairs(summary, (LORA, DEFAULT), (variant, DEFAULT))]
-    return rows or [claim.row()]
-
-
-def _delta_lora(runs: pd.DataFrame, summary: pd.DataFrame) -> list[dict[str, Any]]:
-    rows = [DELTA_LORA.row(task, rank, _effects(runs, ours, theirs, "best_value",
-                                                _shortfall(metric_mode(str(ours["monitor"])))))
-            for task, rank, ours, theirs in _pairs(summary, (LORA, DEFAULT), ("delta-lora", DEFAULT))]
-    return rows or [DELTA_LORA.row()]
+def _difference(lora: pd.Series, other: pd.Series) -> pd.Series:
+    return lora - other
 
 
 def _rslora(runs: pd.DataFrame, summary: pd.DataFrame) -> list[dict[str, Any]]:
@@ -233,14 +218,6 @@ def _rslora(runs: pd.DataFrame, summary: pd.DataFrame) -> list[dict[str, Any]]:
     return rows or [RSLORA.row()]
 
 
-def _forgetting(runs: pd.DataFrame, summary: pd.DataFrame) -> list[dict[str, Any]]:
-    if "forget_loss" not in runs:
-        return [FORGETTING.row()]
-    rows = [FORGETTING.row(task, rank, _effects(runs, ours, theirs, "forget_loss", lambda a, b: a - b))
-            for task, rank, ours, theirs in _pairs(summary, (LORA, DEFAULT), ("full", DEFAULT), rank_free_second=True)]
-    return rows or [FORGETTING.row()]
-
-
 def check_claims(runs: pd.DataFrame | str | os.PathLike[str], metrics: pd.DataFrame | None = None) -> pd.DataFrame:
     """Each published claim checked on a runs directory (or on ``load_runs`` and ``load_metrics`` tables).
 
@@ -258,19 +235,19 @@ def check_claims(runs: pd.DataFrame | str | os.PathLike[str], metrics: pd.DataFr
                          "or give the runs directory: check_claims('runs')")
     if runs.empty:
         return pd.DataFrame([claim.row() for claim in CLAIMS], columns=COLUMNS)
-    runs = runs.assign(options=runs["options"] if "options" in runs else DEFAULT)
-    runs = runs[runs["monitor"] == main_monitor(runs)]
+    monitor = main_monitor(runs)
+    runs = runs[runs["monitor"] == monitor]
     summary = summarize(runs)
     rows = [
         *_speed(LORA_PLUS, runs, metrics, summary, ("lora-plus", DEFAULT), (LORA, DEFAULT)),
-        *_ratio(VERA_PARAMETERS, runs, summary, "vera", "trainable", lora_over_variant=True),
-        *_accuracy_cost(VERA_COST, runs, summary, "vera"),
-        *_ratio(LORA_FA_MEMORY, runs, summary, "lora-fa", "saved_bytes", lora_over_variant=False),
-        *_accuracy_cost(LORA_FA_COST, runs, summary, "lora-fa"),
-        *_delta_lora(runs, summary),
+        *_paired(VERA_PARAMETERS, runs, summary, "vera", "trainable", lambda lora, vera: lora / vera),
+        *_paired(VERA_COST, runs, summary, "vera", "val_acc", _difference),
+        *_paired(LORA_FA_MEMORY, runs, summary, "lora-fa", "saved_bytes", lambda lora, fa: fa / lora),
+        *_paired(LORA_FA_COST, runs, summary, "lora-fa", "val_acc", _difference),
+        *_paired(DELTA_LORA, runs, summary, "delta-lora", "best_value", _shortfall(metric_mode(monitor))),
         *_rslora(runs, summary),
         *_speed(PISSA, runs, metrics, summary, (LORA, "init=pissa"), (LORA, DEFAULT)),
-        *_forgetting(runs, summary),
+        *_paired(FORGETTING, runs, summary, "full", "forget_loss", _difference, rank_free=True),
     ]
     table = pd.DataFrame(rows, columns=COLUMNS)
     table["rank"] = pd.Series([row["rank"] for row in rows], dtype=object)  # ranks stay integers ("8 to 64" a text)
