@@ -57,13 +57,18 @@ def _epochs(loader: StatefulDataLoader, count: int) -> list[torch.Tensor]:
     return [targets for _ in range(count) for _, targets in loader]
 
 
+@pytest.mark.parametrize("grouped", [False, True])  # the plain shuffle, and grouped by length
 @pytest.mark.parametrize("size", [203, 193])  # a last batch of 11 (shared 6 + 5), and of 1 (left out)
-def test_the_ranks_share_each_batch_of_the_one_process_shuffle_and_resume_mid_epoch(size):
+def test_the_ranks_share_each_batch_of_the_one_process_shuffle_and_resume_mid_epoch(size, grouped):
     dataset = TensorDataset(torch.zeros(size, 1), torch.arange(size))
-    one = StatefulDataLoader(dataset, batch_size=16, sampler=RandomSampler(dataset, generator=torch.Generator().manual_seed(5)))
+    lengths = torch.randint(1, 70, (size,), generator=torch.Generator().manual_seed(1)).tolist() if grouped else None
+    generator = torch.Generator().manual_seed(5)
+    sampler = (ShardedRandomSampler(dataset, 16, 0, 1, generator, lengths) if grouped  # one process, grouped
+               else RandomSampler(dataset, generator=generator))
+    one = StatefulDataLoader(dataset, batch_size=16, sampler=sampler)
 
     def shard(rank: int) -> StatefulDataLoader:
-        sampler = ShardedRandomSampler(dataset, 16, rank, 2, torch.Generator().manual_seed(5))
+        sampler = ShardedRandomSampler(dataset, 16, rank, 2, torch.Generator().manual_seed(5), lengths)
         return StatefulDataLoader(dataset, batch_size=8, sampler=sampler)
 
     expected = [batch for batch in _epochs(one, 3) if len(batch) >= 2]

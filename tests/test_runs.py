@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -334,3 +335,31 @@ def test_a_record_from_before_the_trainer_settings_existed_reads_with_their_defa
     assert wb.run_settings(run)["precision"] == "float32" and wb.run_settings(run)["train"] is None
     assert wb.evaluate_checkpoint(wb.best_checkpoint(run))["val_loss"] > 0
     assert wb.Run("digits", "lora", 2, run, steps=20, resume=True, **FAST).finished  # the same run, resolved
+
+
+def test_a_run_records_the_part_of_its_wall_time_spent_evaluating_over_resumes(tmp_path, monkeypatch):
+    spent: list[float] = []
+    evaluate = wb.Trainer.evaluate
+
+    def timed(self, *args, **kwargs):  # every validation, timed independently of the trainer
+        start = time.perf_counter()
+        metrics = evaluate(self, *args, **kwargs)
+        spent.append(time.perf_counter() - start)
+        return metrics
+
+    monkeypatch.setattr(wb.Trainer, "evaluate", timed)
+
+    class Stop(Callback):
+        def on_step(self, trainer, loss):
+            if trainer.step == 10:
+                trainer.stop()
+
+    run = wb.train("digits", "lora", 2, tmp_path / "run", steps=20, eval_every=5, save_every=10,
+                   progress_bar=False, callbacks=[Stop()])
+    first = json.loads((run / "config.json").read_text())
+    assert len(spent) == 2 and sum(spent) <= first["eval_time"] < first["wall_time"]
+    wb.train("digits", "lora", 2, run, steps=20, eval_every=5, save_every=10, progress_bar=False, resume=True)
+    record = json.loads((run / "config.json").read_text())
+    assert len(spent) == 4 and sum(spent) <= record["eval_time"] < record["wall_time"]
+    assert record["eval_time"] - first["eval_time"] >= sum(spent[2:])  # the resume's share is added, and the test's
+    assert wb.load_runs(run).loc[0, "eval_time"] == record["eval_time"]

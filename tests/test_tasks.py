@@ -13,7 +13,7 @@ from torch import nn
 
 import workbench as wb
 from workbench.tasks import SPLITS, Task, get_task
-from workbench.tasks.base import IGNORE_INDEX
+from workbench.tasks.base import IGNORE_INDEX, group_by_length
 from workbench.tasks.cache import cache_path, cached_model, save_tensors
 
 digits_module = importlib.import_module("workbench.tasks.digits")  # the package's `digits` is the function
@@ -286,3 +286,35 @@ def test_a_short_lora_adaptation_recovers_most_of_the_accuracy(name, targets, st
                 break
     after = _val_accuracy(model, task)
     assert after > at_least and after > before + 0.4
+
+
+def _padded(order: list[int], lengths: list[int], batch_size: int) -> int:
+    """Tokens computed when ``order`` is batched by ``batch_size`` and each batch padded to its longest item."""
+    return sum(max(lengths[i] for i in order[k:k + batch_size]) * len(order[k:k + batch_size])
+               for k in range(0, len(order), batch_size))
+
+
+@pytest.mark.parametrize("size", [1000, 1003])  # batches that fill the data, and a last batch of 11
+def test_grouping_by_length_batches_each_group_sorted_in_a_random_order_of_batches(size):
+    lengths = torch.randint(1, 73, (size,), generator=torch.Generator().manual_seed(0)).tolist()
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(1)).tolist()
+    batch, group = 16, 5
+    grouped = group_by_length(order, lengths, batch, group, torch.Generator().manual_seed(2))
+    assert sorted(grouped) == list(range(size))
+    # the batches are those of each group of 80 items of ``order``, stable-sorted by length
+    expected = []
+    for start in range(0, size, batch * group):
+        part = sorted(order[start:start + batch * group], key=lambda i: (lengths[i], order.index(i)))
+        expected += [part[k:k + batch] for k in range(0, len(part), batch)]
+    got = [grouped[k:k + batch] for k in range(0, size, batch)]
+    assert sorted(map(tuple, got)) == sorted(map(tuple, expected))
+    assert got[-1] == expected[-1] or size % batch == 0  # a partial batch stays last
+    groups = [order.index(b[0]) // (batch * group) for b in got[:10]]
+    assert len(set(groups)) > 1  # the batches are shuffled across groups, not taken group after group
+    assert grouped == group_by_length(order, lengths, batch, group, torch.Generator().manual_seed(2))
+    # a group's sorted batches each pad by at most (its longest - its shortest) per item, and these
+    # spans add up to at most the group's range: at most 71 x 16 tokens of padding per group
+    groups_count = -(-size // (batch * group))
+    tight = _padded(grouped, lengths, batch)
+    assert tight <= sum(lengths) + groups_count * (max(lengths) - min(lengths)) * batch
+    assert tight < 0.75 * _padded(order, lengths, batch)

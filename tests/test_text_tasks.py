@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import subprocess
@@ -103,6 +104,25 @@ def test_reviews_splits_are_deterministic_disjoint_stratified_and_cover_every_sn
         assert abs(labels[first[split]].float().mean().item() - overall) < 2 / len(first[split])
     datasets = wb.tasks.get_task("reviews").datasets(0)
     assert [len(datasets[s]) for s in wb.tasks.SPLITS] == [len(first[s]) for s in wb.tasks.SPLITS]
+
+
+def test_reviews_batches_group_texts_of_similar_length_and_evaluation_reads_sorted_batches():
+    task = wb.tasks.get_task("reviews")
+    pad = task.tokenizer.pad_token_id
+
+    def lengths(loader) -> list[torch.Tensor]:
+        return [(ids != pad).sum(1) for ids, _ in loader]
+
+    train = [ids for ids, _ in itertools.islice(task.loaders(0)["train"], 100)]
+    assert all(torch.equal(a, b) for a, (b, _) in zip(train, task.loaders(0)["train"], strict=False))  # seeded
+    real, padded = sum(int((ids != pad).sum()) for ids in train), sum(ids.numel() for ids in train)
+    assert padded < 1.1 * real, (padded, real)  # a random batch of 16 pads to about 1.8x its tokens
+    val = lengths(task.loaders(0)["val"])
+    assert all(len(n) == 64 for n in val[:-1]) and sum(map(len, val)) == len(task.datasets(0)["val"])
+    assert all(torch.equal(n.sort().values, n) for n in val)  # each batch sorted by length
+    firsts = [int(n[0]) for n in val]
+    assert firsts != sorted(firsts)  # the batches in a random order: the first ones are not the shortest
+    assert firsts != [int(n[0]) for n in lengths(task.loaders(1)["val"])]  # another order for another seed
 
 
 def test_a_short_lora_run_on_reviews_lowers_val_loss_and_beats_the_frozen_model(tmp_path):

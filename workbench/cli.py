@@ -34,7 +34,7 @@ from .runs import (
     train,
 )
 from .runs.executors import EXECUTORS, MissingExtraError
-from .tasks import TASKS, Task, causal_lm, text_classification
+from .tasks import TASKS, Task, causal_lm, get_task, text_classification
 from .trainer import PRECISIONS, SCHEDULES, Callback, Trainer
 
 
@@ -382,10 +382,20 @@ def _experiment(args: argparse.Namespace) -> None:
     total = (len(variant_names()) * len(EXPERIMENT["ranks"]) + len(BASELINES)) * len(seeds)
     print(f"{total} runs on {EXPERIMENT['task']}: {', '.join(variants)}; seeds {', '.join(map(str, seeds))}; "
           f"{args.steps} steps each", flush=True)
+    clock = time.perf_counter()
+    get_task(EXPERIMENT["task"])  # built once per process: the model loaded, every text tokenized
+    phases = {"load and tokenize": time.perf_counter() - clock}
+    clock = time.perf_counter()
     table = sweep(EXPERIMENT["task"], variants, EXPERIMENT["ranks"], args.steps, args.out, lrs=lrs, seeds=seeds,
                   eval_every=EXPERIMENT["eval_every"], save_every=EXPERIMENT["eval_every"], progress_bar=False,
                   callbacks=[_Announce(total)])
+    sweeping = time.perf_counter() - clock
+    phases |= {"train": float((table["wall_time"] - table["eval_time"]).sum()),
+               "evaluate": float(table["eval_time"].sum())}
+    phases["set up runs"] = sweeping - float(table["wall_time"].sum())
+    clock = time.perf_counter()
     write_report(args.out, args.report)
+    phases["report"] = time.perf_counter() - clock
     print()
     _print_table(table)
     frozen = pd.DataFrame([frozen_metrics(EXPERIMENT["task"], seed) for seed in seeds])
@@ -399,6 +409,8 @@ def _experiment(args: argparse.Namespace) -> None:
     _print_claims(check_claims(table, load_metrics(args.out)))
     print(f"\nreport: {args.report}")
     print(f"best checkpoint ({monitor}): {best_checkpoint(args.out, monitor)}")
+    print("time: " + ", ".join(f"{phase} {seconds:.0f} s" for phase, seconds in phases.items())
+          + f"; {sum(phases.values()):.0f} s in all")
 
 
 def _one_line(error: BaseException) -> str:

@@ -92,12 +92,14 @@ class AdapterLayer(nn.Module, ABC):
     def adapter_params(self) -> dict[str, nn.Parameter]:
         """The adapter's trainable parameters by name (frozen adapter tensors excluded)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., in) -> (..., out)."""
-        result = self.base_layer(x)
-        if self.merged:
-            return result
+    def add_update(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``result`` (..., out) + u(x); a variant may fuse the sum into the update's last product."""
         return result + self.update(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in) -> (..., out): base_layer(x) + u(x), or base_layer(x) alone when merged."""
+        result = self.base_layer(x)
+        return result if self.merged else self.add_update(result, x)
 
     def initial_update(self) -> torch.Tensor | None:
         """The part of the original W that initialisation moved into the adapter, (out, in), or None.

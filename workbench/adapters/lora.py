@@ -124,6 +124,16 @@ class LoRALinear(AdapterLayer):
         """(..., in) -> (..., out): s B (A dropout(x))."""
         return F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
 
+    def add_update(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """result + s B (A dropout(x)) as one ``addmm(result, A x, B^T, alpha=s)``: (N, r) x (r, out) + (N, out).
+
+        The scale and the sum happen inside the last product, which saves two passes over the
+        (..., out) output, forward and backward, against adding ``update(x)``.
+        """
+        low = F.linear(self.dropout(x), self.lora_A)  # (..., r)
+        return torch.addmm(result.reshape(-1, self.out_features), low.reshape(-1, low.shape[-1]), self.lora_B.T,
+                           alpha=self.scaling).view(result.shape)
+
     def delta_weight(self) -> torch.Tensor:
         """s B A, (out, in)."""
         return (self.lora_B @ self.lora_A) * self.scaling

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .layer import AdapterLayer
 from .lora import LoRA, LoRALinear
 from .variant import register
 
@@ -52,6 +53,8 @@ class LoRAFALinear(LoRALinear):
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
         return _FrozenAProjection.apply(self.dropout(x), self.lora_A, self.lora_B, self.scaling)
+
+    add_update = AdapterLayer.add_update  # result + update(x): the backward above, not LoRA's addmm
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {"lora_B": self.lora_B}

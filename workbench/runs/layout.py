@@ -79,6 +79,7 @@ class RunRecord(TypedDict, total=False):
     #                       resumes (``wb.memory.peak_resident``); None where it cannot be measured
     started: str  # ISO 8601, UTC
     wall_time: float  # seconds of fit(), summed over resumes
+    eval_time: float  # the part of wall_time spent validating and testing
     steps_done: int
     processes: int  # data-parallel processes, when more than one trained it
     test: dict[str, Any]  # the test metrics of the checkpoint validation chose, with its name and step

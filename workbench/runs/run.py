@@ -155,9 +155,10 @@ class Run:
     def fit(self) -> dict[str, Any]:
         """Train (or resume, or skip a finished run) and write the outcome; returns the run's record.
 
-        The record's ``peak_rss`` is the process's peak resident memory while the trainer ran
-        (``workbench.memory.peak_resident``), the larger of this fit's and an earlier one's of the
-        run; None where it cannot be measured.
+        The record's ``eval_time`` is the part of ``wall_time`` spent evaluating: validation, and
+        the test of the best checkpoint (its rebuild included). Its ``peak_rss`` is the process's
+        peak resident memory while the trainer ran (``workbench.memory.peak_resident``), the larger
+        of this fit's and an earlier one's of the run; None where it cannot be measured.
         """
         if self.finished:
             return self.record
@@ -172,13 +173,14 @@ class Run:
             "saved_bytes": self._saved_bytes() if writer else None,
             "started": self.record.get("started", datetime.now(UTC).isoformat(timespec="seconds")),
             "wall_time": self.record.get("wall_time", 0.0),
+            "eval_time": self.record.get("eval_time", 0.0),
             "peak_rss": self.record.get("peak_rss"),
         }
         if group is not None:
             self.record["processes"] = self.trainer.world_size
         if writer:
             write_record(self.path, self.record)
-        start = time.perf_counter()
+        start, validating = time.perf_counter(), self.trainer.eval_time
         peak = PeakResident()  # its bytes stay None if the trainer fails: the block never ended
         try:
             with peak_resident() as peak:
@@ -189,9 +191,12 @@ class Run:
         else:
             self.record.update(status=status, message=self.trainer.message, steps_done=self.trainer.step)
             if status == "finished" and writer:
+                testing = time.perf_counter()
                 self.record["test"] = self._test_best()
+                self.record["eval_time"] += time.perf_counter() - testing
         finally:
             self.record["wall_time"] += time.perf_counter() - start
+            self.record["eval_time"] += self.trainer.eval_time - validating
             measured = [b for b in (self.record["peak_rss"], peak.bytes) if b is not None]
             self.record["peak_rss"] = max(measured) if measured else None
             self.checkpoints.close()

@@ -35,8 +35,9 @@ def load_runs(directory: str | os.PathLike[str]) -> pd.DataFrame:
     trained, where measurable), steps, steps_done, monitor, best_value, best_step, best_checkpoint
     (by validation, among checkpoints that pass verification), that checkpoint's validation
     metrics (val_loss, val_acc, ...: one checkpoint per run, chosen by the one rule), test_loss and
-    test_acc (measured on that checkpoint), wall_time (seconds), status, path; then any other held-out metric the runs
-    measured on that checkpoint (a language model's test_ppl, forget_loss, forget_ppl, ...). Runs
+    test_acc (measured on that checkpoint), wall_time and eval_time (seconds: all of ``fit``, and the part
+    of it spent validating and testing), status, path; then any other held-out metric the runs measured on
+    that checkpoint (a language model's test_ppl, forget_loss, forget_ppl, ...). Runs
     still going show their checkpoints so far; a run whose config.json is unreadable is left out
     with a warning.
     """
@@ -61,7 +62,8 @@ def load_runs(directory: str | os.PathLike[str]) -> pd.DataFrame:
             **({} if best is None else {metric: float(best[metric]) for metric in table.columns
                                          if metric.startswith("val_") and pd.notna(best[metric])}),
             "test_loss": test.get("test_loss"), "test_acc": test.get("test_acc"),
-            "wall_time": record.get("wall_time"), "status": record.get("status"), "path": str(run),
+            "wall_time": record.get("wall_time"), "eval_time": record.get("eval_time"),
+            "status": record.get("status"), "path": str(run),
             **{key: value for key, value in test.items()
                if key not in ("checkpoint", "step", "test_loss", "test_acc")},
         })

@@ -29,6 +29,7 @@ from torchdata.stateful_dataloader.sampler import RandomSampler
 
 SPLITS = ("train", "val", "test")
 IGNORE_INDEX = -100
+GROUP_BATCHES = 50  # training batches per group sorted by length (``group_by_length``), as transformers' Trainer
 
 
 def classification_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -69,6 +70,8 @@ class Task:
         tokenizer: a text task's tokenizer (for ``wb.tasks.generate``).
         encode: a text task's texts -> token ids, as it tokenizes its data (for ``wb.tasks.predict``).
         classes: a classification task's class names, in label order.
+        length: an item's length (a text's tokens); given, training batches hold items of similar
+            length (``group_by_length``), so a padded batch wastes little. ``None``: plain shuffling.
     """
 
     name: str
@@ -86,6 +89,7 @@ class Task:
     tokenizer: Any = None
     encode: Callable[[Sequence[str]], list[torch.Tensor]] | None = None
     classes: Sequence[str] | None = None
+    length: Callable[[Any], int] | None = None
 
     def loaders(self, seed: int, batch_size: int | None = None, rank: int = 0,
                 world_size: int = 1) -> dict[str, StatefulDataLoader]:
@@ -95,12 +99,13 @@ class Task:
         ``make_loaders``); ``batch_size`` is the global batch, over all processes.
         """
         return make_loaders(self.datasets(seed), batch_size or self.batch_size, seed, rank, world_size,
-                            collate=self.collate, eval_batch_size=self.eval_batch_size)
+                            collate=self.collate, eval_batch_size=self.eval_batch_size, length=self.length)
 
 
 def make_loaders(datasets: Mapping[str, Dataset], batch_size: int, seed: int, rank: int = 0,
                  world_size: int = 1, *, collate: Callable[[list[Any]], Any] | None = None,
-                 eval_batch_size: int | None = None) -> dict[str, StatefulDataLoader]:
+                 eval_batch_size: int | None = None, length: Callable[[Any], int] | None = None
+                 ) -> dict[str, StatefulDataLoader]:
     """Loaders whose ``state_dict()`` resumes the training order exactly.
 
     The shuffle has its own generator, inside the sampler (saved in the loader's state); the
@@ -114,7 +119,9 @@ def make_loaders(datasets: Mapping[str, Dataset], batch_size: int, seed: int, ra
     exactly a one-process run's batches; val and test hold every W-th item from ``rank`` on, so
     the ranks' sums add up to the whole split. Splits other than "train" (val, test, and any a
     task adds, such as a language model's "forget") are read in order, ``eval_batch_size`` items
-    at a time (``None``: max(batch_size, 256)). ``collate``: as torch's ``collate_fn``.
+    at a time (``None``: max(batch_size, 256)). ``collate``: as torch's ``collate_fn``. ``length``:
+    an item's length; given, each epoch's shuffle is grouped by length (``group_by_length``)
+    before it is batched and shared out.
 
     Raises:
         ValueError: a rank outside 0..W-1, or a batch size that W does not divide.
@@ -130,8 +137,9 @@ def make_loaders(datasets: Mapping[str, Dataset], batch_size: int, seed: int, ra
         for split, dataset in datasets.items():
             if split == "train":
                 generator = torch.Generator().manual_seed(seed)
-                sampler = (RandomSampler(dataset, generator=generator) if world_size == 1 else
-                           ShardedRandomSampler(dataset, batch_size, rank, world_size, generator))
+                lengths = None if length is None else [length(dataset[i]) for i in range(len(dataset))]
+                sampler = (RandomSampler(dataset, generator=generator) if world_size == 1 and lengths is None else
+                           ShardedRandomSampler(dataset, batch_size, rank, world_size, generator, lengths))
                 loaders[split] = StatefulDataLoader(dataset, batch_size=batch_size // world_size, sampler=sampler,
                                                     generator=torch.Generator().manual_seed(seed + 1),
                                                     collate_fn=collate)
@@ -142,16 +150,40 @@ def make_loaders(datasets: Mapping[str, Dataset], batch_size: int, seed: int, ra
     return loaders
 
 
+def group_by_length(order: Sequence[int], lengths: Sequence[int], batch_size: int, group: int,
+                    generator: torch.Generator) -> list[int]:
+    """``order`` rearranged so that each batch of ``batch_size`` holds items of similar length.
+
+    ``order`` is cut into groups of ``group`` batches (``group`` x ``batch_size`` items, the last
+    group shorter); each group is sorted by length (stable) and cut into batches, and the full
+    batches of all groups are put in the order of one ``randperm`` from ``generator``. A last
+    partial batch (when ``batch_size`` does not divide ``len(order)``) stays last, so every batch
+    but the last is full. With a random ``order`` each batch is a random draw among the items of
+    about its length, and batches of every length are spread over the epoch, as transformers'
+    ``group_by_length`` does (which puts the longest first instead). A batch pads to its longest
+    item, so a text task computes on about the mean length instead of the mean of the maxima.
+    """
+    size = group * batch_size
+    ordered = [i for start in range(0, len(order), size)
+               for i in sorted(order[start:start + size], key=lengths.__getitem__)]
+    full = len(ordered) // batch_size * batch_size
+    batches = [ordered[start:start + batch_size] for start in range(0, full, batch_size)]
+    shuffled = [i for b in torch.randperm(len(batches), generator=generator).tolist() for i in batches[b]]
+    return shuffled + ordered[full:]
+
+
 class ShardedRandomSampler(Sampler[int]):
-    """One rank's share of a one-process shuffle: each global batch split across the ranks.
+    """One rank's share of a one-process shuffle, each global batch split across the ranks; or grouped by length.
 
     Every epoch draws the permutation P = randperm(n, generator), exactly as torchdata's
     ``RandomSampler`` does with the same generator, so the epochs follow one another as in a
-    one-process run. Global batch k is P[kB : (k+1)B]; rank r takes its positions kB + r,
-    kB + r + W, kB + r + 2W, ..., so a loader batching these indices by B / W gives every rank
-    its share of the same global batch. A last, partial global batch of p items is shared as
-    ceil((p - r) / W) items on rank r; one smaller than W (a rank would get none) is left out on
-    every rank, so all ranks take the same number of steps per epoch.
+    one-process run. Given ``lengths``, P is then grouped by length (``group_by_length``, from
+    the same generator), on any number of ranks including one. Global batch k is P[kB : (k+1)B];
+    rank r takes its positions kB + r, kB + r + W, kB + r + 2W, ..., so a loader batching these
+    indices by B / W gives every rank its share of the same global batch. A last, partial global
+    batch of p items is shared as ceil((p - r) / W) items on rank r; one smaller than W (a rank
+    would get none) is left out on every rank, so all ranks take the same number of steps per
+    epoch.
 
     State (``StatefulDataLoader`` saves it): the generator's state at the epoch's start and how
     many indices this rank has yielded, so a resumed loader continues mid-epoch exactly.
@@ -161,12 +193,21 @@ class ShardedRandomSampler(Sampler[int]):
         batch_size: the global batch B, a multiple of ``world_size``.
         rank, world_size: this process r and the number of processes W.
         generator: the shuffle's generator, seeded by the caller.
+        lengths: each item's length, to group batches by; ``None``: the plain shuffle.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, rank: int, world_size: int,
-                 generator: torch.Generator) -> None:
+                 generator: torch.Generator, lengths: Sequence[int] | None = None) -> None:
         self.size = len(dataset)  # type: ignore[arg-type]
         self.batch_size, self.rank, self.world_size, self.generator = batch_size, rank, world_size, generator
+        self.lengths = lengths
+
+    def epoch(self) -> list[int]:
+        """One epoch's order of all items, drawn from the generator: P, grouped by length if lengths were given."""
+        permutation = torch.randperm(self.size, generator=self.generator).tolist()
+        if self.lengths is None:
+            return permutation
+        return group_by_length(permutation, self.lengths, self.batch_size, GROUP_BATCHES, self.generator)
 
     def share(self, permutation: list[int]) -> list[int]:
         """This rank's indices of one epoch's ``permutation``, global batch after global batch."""
@@ -195,8 +236,7 @@ class _ShardIterator(Iterator[int]):
 
     def _draw(self) -> None:
         self.generator_state = self.sampler.generator.get_state()
-        permutation = torch.randperm(self.sampler.size, generator=self.sampler.generator).tolist()
-        self.indices = self.sampler.share(permutation)
+        self.indices = self.sampler.share(self.sampler.epoch())
         self.yielded = 0
 
     def __next__(self) -> int:

@@ -18,9 +18,10 @@ or a ``datasets.Dataset``. Given as paths, the task records them with their SHA-
 ``Task.source``, and a run's record keeps it, so ``wb.load_run_model``, the checkpoint browser,
 ``workbench export`` and ``reduce`` rebuild the task (``from_source``), and say so when a file
 moved or changed. Text is tokenized once per task and kept as tensors; each batch is padded to
-its own longest sequence (``pad_batch``), and val and test are read in length-sorted chunks
-(``sorted_in_chunks``), so evaluation pads little. Training batches keep the seeded shuffle:
-grouping them by length would change which examples share a step.
+its own longest sequence (``pad_batch``), so batches of texts of similar length pad little: a
+classification task's training batches are grouped by length (``group_by_length``: a random
+draw among texts of about the same length, batches of all lengths spread over the epoch), and
+val and test are read sorted by length in batches taken in a seeded random order.
 """
 
 from __future__ import annotations
@@ -42,12 +43,11 @@ from torch.utils.data import Dataset, TensorDataset
 
 from ..checkpoints.files import sha256_once
 from ..checks import is_integer
-from .base import SPLITS, Task
+from .base import SPLITS, Task, group_by_length
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 EVAL_BATCH = 64  # texts per evaluation batch: on 2 CPU cores, 64 sorted by length beat 256 by 1.3x
-SORT_CHUNK = 4  # evaluation batches per length-sorted chunk of val and test
 ModelSource = str | os.PathLike[str] | tuple[nn.Module, Any]
 DataSource = pd.DataFrame | str | os.PathLike[str] | Any
 
@@ -302,6 +302,11 @@ class TokenDataset(Dataset):
         return self.ids[index], self.labels[index]
 
 
+def token_count(item: tuple[torch.Tensor, torch.Tensor]) -> int:
+    """A ``TokenDataset`` item's length: its tokens."""
+    return len(item[0])
+
+
 def pad_batch(pad_id: int) -> Callable[[list[tuple[torch.Tensor, torch.Tensor]]], tuple[torch.Tensor, torch.Tensor]]:
     """A collate function: items (ids (L_i,), label) -> (ids (B, max_i L_i) padded with ``pad_id``, labels (B,))."""
 
@@ -337,15 +342,15 @@ def stratified_splits(labels: torch.Tensor, seed: int, fractions: Sequence[float
     return {split: torch.as_tensor(part) for split, part in zip(SPLITS, (train, val, test), strict=True)}
 
 
-def sorted_in_chunks(indices: torch.Tensor, lengths: torch.Tensor, chunk: int) -> torch.Tensor:
-    """``indices`` (in their random order) cut into chunks of ``chunk``, each chunk sorted by ``lengths``.
+def length_sorted_batches(indices: torch.Tensor, lengths: torch.Tensor, batch_size: int, seed: int) -> torch.Tensor:
+    """``indices`` sorted by ``lengths``, cut into batches of ``batch_size``, taken in a random order from ``seed``.
 
-    An evaluation batch then holds texts of similar length, so little padding, while the first k
-    chunks stay a random sample of the split: validating on the first ``eval_batches`` batches
-    (a multiple of ``SORT_CHUNK``) measures a random subset, not the shortest texts.
+    An evaluation batch then holds texts of about one length, so it pads little, and its first k
+    batches (``eval_batches``) are k length strata drawn at random, not the shortest texts.
     """
-    parts = [part[lengths[part].argsort(stable=True)] for part in indices.split(chunk)]
-    return torch.cat(parts) if parts else indices
+    order = group_by_length(indices.tolist(), lengths.tolist(), batch_size, len(indices) // batch_size + 1,
+                            torch.Generator().manual_seed(seed))
+    return torch.tensor(order, dtype=indices.dtype)
 
 
 def _file_source(kind: str, path: str | os.PathLike[str]) -> dict[str, str]:
@@ -367,6 +372,7 @@ def text_classification(
     batch_size: int = 16,
     targets: Sequence[str] | None = ("query", "key", "value"),
     gguf_file: str | None = None,
+    group_by_length: bool = True,
 ) -> Task:
     """Classify your texts with a pretrained encoder and a new head (see the module's docstring).
 
@@ -379,6 +385,9 @@ def text_classification(
         batch_size: the training batch.
         targets: the default adapted modules (BERT's attention projections by default; ``None``: every linear layer).
         gguf_file: a GGUF file inside ``model`` to load.
+        group_by_length: training batches of texts of similar length (``Task.length``); False:
+            the plain shuffle, each batch padded to the longest of a random draw (about 1.8x the
+            tokens on the reviews' snippets).
 
     Splits are stratified 80/10/10 from the run's seed (``stratified_splits``).
 
@@ -408,10 +417,10 @@ def text_classification(
     lengths = torch.tensor([len(row) for row in ids])
 
     def datasets(seed: int) -> dict[str, Dataset]:
-        """The seed's stratified splits; val and test in length-sorted chunks (``sorted_in_chunks``)."""
+        """The seed's stratified splits; val and test in length-sorted batches (``length_sorted_batches``)."""
         splits = stratified_splits(labels, seed)
         for split in ("val", "test"):
-            splits[split] = sorted_in_chunks(splits[split], lengths, SORT_CHUNK * EVAL_BATCH)
+            splits[split] = length_sorted_batches(splits[split], lengths, EVAL_BATCH, seed)
         return {split: TokenDataset([ids[i] for i in index.tolist()], labels[index]) for split, index in splits.items()}
 
     source = None
@@ -419,11 +428,12 @@ def text_classification(
         source = {"kind": "text_classification", **_file_source("model", model_directory(model)),
                   **_file_source("data", data), "text": text, "label": label, "name": name,
                   "max_length": max_length, "batch_size": batch_size,
-                  "targets": None if targets is None else list(targets), "gguf_file": gguf_file}
+                  "targets": None if targets is None else list(targets), "gguf_file": gguf_file,
+                  "group_by_length": group_by_length}
     return Task(name=name, base_model=base_model, datasets=datasets, default_targets=targets,
                 default_train=["classifier"], batch_size=batch_size, eval_batch_size=EVAL_BATCH,
-                collate=pad_batch(pad_id), source=source,
-                tokenizer=tokenizer, encode=encode, classes=classes)
+                collate=pad_batch(pad_id), source=source, tokenizer=tokenizer, encode=encode, classes=classes,
+                length=token_count if group_by_length else None)
 
 
 def read_texts(texts: str | os.PathLike[str] | Sequence[str], column: str = "text") -> list[str]:
@@ -561,7 +571,8 @@ def from_source(source: dict[str, Any]) -> Task:
     if kind == "text_classification":
         return text_classification(source["model"], source["data"], source["text"], source["label"],
                                    name=source["name"], max_length=source["max_length"],
-                                   batch_size=source["batch_size"], targets=targets, gguf_file=source["gguf_file"])
+                                   batch_size=source["batch_size"], targets=targets, gguf_file=source["gguf_file"],
+                                   group_by_length=source.get("group_by_length", False))
     return causal_lm(source["model"], Path(source["data"]), block_size=source["block_size"],
                      forget=Path(source["forget"]) if "forget" in source else None,
                      forget_blocks=source["forget_blocks"], name=source["name"], batch_size=source["batch_size"],
