@@ -93,13 +93,18 @@ def test_delta_lora_checkpoint_holds_the_moved_base_weights(tmp_path):
     assert fresh_optimizer.param_groups[0]["delta_steps"] == 3
 
 
-def test_full_checkpoint_restores_every_tensor_of_a_tied_model(tmp_path):
+@pytest.mark.parametrize("async_save", [False, True])
+def test_full_checkpoint_restores_every_tensor_of_a_tied_model_storing_the_tied_one_once(tmp_path, async_save):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=8)
     model = GPT2LMHeadModel(config)
-    path = wb.CheckpointManager(tmp_path).save(0, model, full=True)
+    manager = wb.CheckpointManager(tmp_path, async_save=async_save)
+    path = manager.save(0, model, full=True)
+    manager.close()
+    stored = load_file(path / "model.safetensors")
+    assert ("lm_head.weight" in stored) != ("transformer.wte.weight" in stored)  # one copy (the async one too)
     torch.manual_seed(1)
     other = GPT2LMHeadModel(config)
     wb.CheckpointManager(tmp_path).load(path, other)

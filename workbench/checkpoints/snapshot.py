@@ -226,7 +226,7 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[s
     aliases: dict[str, str] = {}
     seen: dict[tuple[int, tuple[int, ...], tuple[int, ...]], str] = {}
     for name, tensor in tensors.items():
-        key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+        key = _storage_key(tensor)
         if tensor.numel() and key in seen:
             aliases[name] = seen[key]
         else:
@@ -272,7 +272,7 @@ def capture(
     tensors = changed_tensors(model, full)
     optimizer_state = optimizer.state_dict() if optimizer is not None else None
     if copy:
-        tensors = {name: tensor.clone() for name, tensor in tensors.items()}
+        tensors = _clone_shared(tensors)
         optimizer_state = _clone_tensors(optimizer_state)
     progress = {
         "format": FORMAT,
@@ -289,6 +289,27 @@ def capture(
         "versions": _versions(),
     }
     return Snapshot(tensors, optimizer_state, progress)
+
+
+def _clone_shared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Clones of ``tensors`` in which tied ones (one storage under several names) stay one tensor.
+
+    ``_save_tensors`` stores such aliases once; cloning each name apart would write a tied
+    embedding twice (SmolLM2's 113 MiB input and output embedding).
+    """
+    clones: dict[tuple[int, tuple[int, ...], tuple[int, ...]], torch.Tensor] = {}
+    result = {}
+    for name, tensor in tensors.items():
+        key = _storage_key(tensor)
+        if key not in clones or not tensor.numel():
+            clones[key] = tensor.detach().clone()
+        result[name] = clones[key]
+    return result
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    """Where a tensor's values are: equal for names tied to the same parameter."""
+    return tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride())
 
 
 def _clone_tensors(value: Any) -> Any:
