@@ -363,3 +363,23 @@ def test_a_run_records_the_part_of_its_wall_time_spent_evaluating_over_resumes(t
     assert len(spent) == 4 and sum(spent) <= record["eval_time"] < record["wall_time"]
     assert record["eval_time"] - first["eval_time"] >= sum(spent[2:])  # the resume's share is added, and the test's
     assert wb.load_runs(run).loc[0, "eval_time"] == record["eval_time"]
+
+
+def test_a_run_records_the_bytes_autograd_saved_on_its_first_batch_and_keeps_them_over_resumes(tmp_path):
+    task = get_task("digits")
+
+    class Stop(Callback):
+        def on_step(self, trainer, loss):
+            if trainer.step == 10:
+                trainer.stop()
+
+    first = wb.Run(task, "lora", 4, tmp_path / "run", steps=20, seed=3, callbacks=[Stop()], **FAST).fit()
+    # measured apart: the same run's model, untrained, on the first batch of the seed's training loader
+    model = wb.Run(task, "lora", 4, tmp_path / "other", steps=20, seed=3, **FAST).model.train()
+    inputs, targets = next(iter(task.loaders(3)["train"]))
+    with wb.saved_activations(model) as saved:
+        task.loss(model(inputs), targets)
+    assert first["status"] == "stopped" and first["saved_bytes"] == saved.bytes > 0
+    resumed = wb.Run(task, "lora", 4, tmp_path / "run", steps=20, seed=3, resume=True, **FAST).fit()
+    assert resumed["status"] == "finished" and resumed["saved_bytes"] == saved.bytes
+    assert wb.load_runs(tmp_path / "run").loc[0, "saved_bytes"] == saved.bytes

@@ -396,11 +396,13 @@ def _experiment(args: argparse.Namespace) -> None:
     clock = time.perf_counter()
     write_report(args.out, args.report)
     phases["report"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    frozen = pd.DataFrame([frozen_metrics(EXPERIMENT["task"], seed) for seed in seeds])
+    phases["frozen model"] = time.perf_counter() - clock
     work = {"training": float((table["wall_time"] - table["eval_time"]).sum()),
             "evaluating": float(table["eval_time"].sum())}
     print()
     _print_table(table)
-    frozen = pd.DataFrame([frozen_metrics(EXPERIMENT["task"], seed) for seed in seeds])
     print(f"\nthe frozen model ({EXPERIMENT['task']}: the pretrained encoder, its new head untrained), mean over "
           f"seeds: test_acc {frozen['test_acc'].mean():.4f}, test_loss {frozen['test_loss'].mean():.4f}")
     summary = summarize(table)

@@ -25,6 +25,7 @@ from .adapt import adapter_config
 from .checkpoints import CheckpointManager, capture_rng, restore_rng, stages
 from .checks import is_finite_number, is_integer
 from .distributed import Replicas, sum_over_ranks, unwrap
+from .memory import saved_activations
 from .optim import make_optimizer
 from .tasks import Task, classification_counts, classification_loss
 
@@ -230,6 +231,7 @@ class Trainer:
         self.recent_losses: deque[float] = deque(maxlen=RECENT_LOSSES)
         self.last_metrics: dict[str, float] = {}
         self.eval_time = 0.0  # seconds spent validating, over every fit of this trainer
+        self.saved_bytes: int | None = None  # autograd's saved bytes on this trainer's first micro-batch (_backward)
         self.status = "new"
         self.message = ""
         self._stop = threading.Event()
@@ -374,10 +376,14 @@ class Trainer:
             inputs, targets = self._next_batch()
             last = micro == self.accumulate - 1
             syncing = self._replicas is None or last  # DDP all-reduces the summed gradients at the last backward
+            measuring = self.saved_bytes is None  # the first micro-batch is measured as it trains: no extra forward
             with contextlib.nullcontext() if syncing else self._forward.no_sync():
-                with autocast(self.precision, self.device):
+                with autocast(self.precision, self.device), \
+                        saved_activations(self.model) if measuring else contextlib.nullcontext() as saved:
                     outputs = self._forward(inputs)
                     loss = self.loss(outputs, targets)
+                if measuring:
+                    self.saved_bytes = saved.bytes
                 value = loss.item()
                 if self._replicas is not None:  # the whole micro-batch's loss, this rank's weight of it, a stop
                     agreed = self._replicas.agree(value, self.counts(outputs.detach(), targets)[1], self._stop.is_set())

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..adapt import trainable_parameters
 from ..baselines import baseline_settings, is_baseline
 from ..tasks import Task
 from .run import Run
@@ -117,13 +118,21 @@ def run_on_ray(task: str | Task, trials: Sequence[Trial], steps: int, settings: 
 
     Every trial is built here first, as in-process, so bad settings fail at once, finished
     trials are skipped, and a base model missing from the cache is pre-trained once, not in
-    every worker. A trial whose worker dies is retried (``RETRIES`` times) from its newest
-    checkpoint. Once every trial has ended, the first trial error is raised, if any; an
-    interruption here (Ctrl-C) cancels the trials still going, which resume when the sweep is
-    run again. ``settings["progress_bar"]`` shows a bar of trials done instead of one per trial.
+    every worker. Trials start in order of trainable parameters, most first (full fine-tuning,
+    then adapters, then a head alone): a proxy for their cost, so that short trials fill the
+    cores at the end rather than one long trial running alone (longest-first scheduling). A
+    trial whose worker dies is retried (``RETRIES`` times) from its newest checkpoint. Once
+    every trial has ended, the first trial error is raised, if any; an interruption here
+    (Ctrl-C) cancels the trials still going, which resume when the sweep is run again.
+    ``settings["progress_bar"]`` shows a bar of trials done instead of one per trial.
     """
     import_ray()  # before any work: a missing Ray fails at once
-    pending = [trial for trial in trials if not _run(task, trial, steps, settings).finished]
+    unfinished: list[tuple[int, Trial]] = []  # (trainable parameters, trial); one model built at a time
+    for trial in trials:
+        run = _run(task, trial, steps, settings)
+        if not run.finished:
+            unfinished.append((trainable_parameters(run.model), trial))
+    pending = [trial for _, trial in sorted(unfinished, key=lambda pair: -pair[0])]  # the longest first
     if not pending:
         return
     cores = max(cpus_per_trial, min(os.cpu_count() or 1, len(pending) * cpus_per_trial))

@@ -74,7 +74,8 @@ class RunRecord(TypedDict, total=False):
     status: str  # one of STATUSES
     message: str  # why it stopped, when it did not finish
     trainable: int  # trainable parameters
-    saved_bytes: int | None  # bytes autograd saves for backward on one training batch
+    saved_bytes: int | None  # bytes autograd saved for backward on the first training batch (its first micro-batch;
+    #                          under a process group, rank 0's share), measured as it trained
     peak_rss: int | None  # the process's peak resident memory (bytes) while fit() trained, the largest over
     #                       resumes (``wb.memory.peak_resident``); None where it cannot be measured
     started: str  # ISO 8601, UTC

@@ -14,10 +14,10 @@ import torch.distributed as dist
 
 from ..adapt import trainable_parameters
 from ..checkpoints import CheckpointManager
-from ..memory import PeakResident, peak_resident, saved_activations
+from ..memory import PeakResident, peak_resident
 from ..targets import target_patterns
 from ..tasks import Task, get_task
-from ..trainer import Callback, Trainer, autocast, held_out_metrics
+from ..trainer import Callback, Trainer, held_out_metrics
 from .layout import (
     RunRecord,
     build_model,
@@ -170,7 +170,7 @@ class Run:
             "settings": self.settings,
             "status": "running",
             "trainable": trainable_parameters(self.model),
-            "saved_bytes": self._saved_bytes() if writer else None,
+            "saved_bytes": self.record.get("saved_bytes"),
             "started": self.record.get("started", datetime.now(UTC).isoformat(timespec="seconds")),
             "wall_time": self.record.get("wall_time", 0.0),
             "eval_time": self.record.get("eval_time", 0.0),
@@ -197,20 +197,14 @@ class Run:
         finally:
             self.record["wall_time"] += time.perf_counter() - start
             self.record["eval_time"] += self.trainer.eval_time - validating
+            if self.record["saved_bytes"] is None:  # measured on the trainer's first micro-batch, kept from then on
+                self.record["saved_bytes"] = self.trainer.saved_bytes
             measured = [b for b in (self.record["peak_rss"], peak.bytes) if b is not None]
             self.record["peak_rss"] = max(measured) if measured else None
             self.checkpoints.close()
             if writer:
                 write_record(self.path, self.record)
         return self.record
-
-    def _saved_bytes(self) -> int:
-        """Bytes autograd keeps for backward on one training batch (activation memory), in the run's precision."""
-        inputs, targets = next(iter(self.task.loaders(self.settings["seed"])["train"]))
-        with torch.random.fork_rng(), saved_activations(self.model) as saved, autocast(self.trainer.precision,
-                                                                                         inputs.device):
-            self.task.loss(self.model.train()(inputs), targets)
-        return saved.bytes
 
     def _test_best(self) -> dict[str, Any]:
         best = self.checkpoints.best()
