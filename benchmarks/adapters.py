@@ -1,4 +1,4 @@
-"""Adapter benchmark: this project's LoRA against peft's, side by side in one run.
+"""Adapter benchmark: this project's LoRA and DoRA against peft's, side by side in one run.
 
 Run by hand: ``.venv/bin/python benchmarks/adapters.py`` (about a minute on 2 CPU cores).
 
@@ -6,13 +6,14 @@ The model is BERT-style, built from a config (4 layers, hidden 768, 12 heads, in
 3072; vocabulary 1,000 to keep memory small, which does not touch the adapted layers), in
 training mode with dropout 0, batch 8 x sequence 128, r = 8 (alpha 16) on query and value.
 
-- time of one forward + backward pass with wb's lora and with peft's lora on copies of the same
-  model, interleaved (wb, peft, no adapter, wb, peft, ...) after a warm-up; medians and the
-  ratio wb / peft (goal: at most 1.00);
+- time of one forward + backward pass with wb's lora and dora and peft's lora and dora
+  (``use_dora=True``) on copies of the same model, interleaved (wb lora, peft lora, wb dora,
+  peft dora, no adapter, wb lora, ...) after a warm-up; medians and the ratios wb / peft
+  (goal: at most 1.00) and dora / lora;
 - overhead over the same model with no adapter: the base frozen except the query and value
   layers' biases, so the backward pass runs through the same layers, divided into wb's time;
 - bytes autograd saves for backward in one forward pass (``wb.saved_activations``, the model's
-  own parameters left out) for wb's lora, wb's lora-fa and peft's lora.
+  own parameters left out) for wb's lora, lora-fa and dora and peft's lora and dora.
 """
 
 from __future__ import annotations
@@ -74,6 +75,9 @@ def main() -> None:
         "wb lora": wb.add_adapters(copy.deepcopy(base), "lora", 8, alpha=16, targets=TARGETS),
         "peft lora": get_peft_model(copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS,
                                                                     lora_dropout=0.0)),
+        "wb dora": wb.add_adapters(copy.deepcopy(base), "dora", 8, alpha=16, targets=TARGETS),
+        "peft dora": get_peft_model(copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS,
+                                                                    lora_dropout=0.0, use_dora=True)),
         "no adapter": no_adapter(copy.deepcopy(base)),
     }
     print(f"torch {torch.__version__}, peft {peft.__version__}, transformers {transformers.__version__}, "
@@ -88,17 +92,23 @@ def main() -> None:
     for name, value in median.items():
         print(f"  forward+backward {name:<11} {value * 1000:7.1f} ms (median of {args.repeats})")
     print(f"  ratio wb lora / peft lora:   {median['wb lora'] / median['peft lora']:.3f} (goal <= 1.00)")
+    print(f"  ratio wb dora / peft dora:   {median['wb dora'] / median['peft dora']:.3f} (goal <= 1.00)")
+    print(f"  ratio wb dora / wb lora:     {median['wb dora'] / median['wb lora']:.3f}")
     print(f"  overhead over no adapter:    {median['wb lora'] / median['no adapter']:.3f}")
 
     saved = {
         "wb lora": saved_bytes(models["wb lora"], ids),
         "wb lora-fa": saved_bytes(wb.add_adapters(copy.deepcopy(base), "lora-fa", 8, alpha=16, targets=TARGETS), ids),
         "peft lora": saved_bytes(models["peft lora"], ids),
+        "wb dora": saved_bytes(models["wb dora"], ids),
+        "peft dora": saved_bytes(models["peft dora"], ids),
     }
     for name, value in saved.items():
         print(f"  saved for backward {name:<11} {value / 2**20:7.1f} MiB")
     print(f"  ratio lora-fa / lora:        {saved['wb lora-fa'] / saved['wb lora']:.3f}")
     print(f"  ratio wb lora / peft lora:   {saved['wb lora'] / saved['peft lora']:.3f}")
+    print(f"  ratio wb dora / peft dora:   {saved['wb dora'] / saved['peft dora']:.3f}")
+    print(f"  ratio wb dora / wb lora:     {saved['wb dora'] / saved['wb lora']:.3f}")
 
 
 if __name__ == "__main__":

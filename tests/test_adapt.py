@@ -201,7 +201,7 @@ def test_make_optimizer_trains_a_head_the_user_unfroze():
 
 
 BAD_INPUTS = [
-    (dict(variant="dora", rank=4), rf"unknown variant 'dora'; valid variants: {', '.join(wb.VARIANTS)}$"),
+    (dict(variant="adalora", rank=4), rf"unknown variant 'adalora'; valid variants: {', '.join(wb.VARIANTS)}$"),
     (dict(variant="lora", rank=0), r"rank must be an integer >= 1, not 0"),
     (dict(variant="lora", rank=-2), r"rank must be an integer >= 1"),
     (dict(variant="lora", rank=2.5), r"rank must be an integer >= 1"),

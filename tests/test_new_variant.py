@@ -115,7 +115,7 @@ def test_the_cli_has_its_flag_and_trains_it(tmp_path, capsys):
     flag = train["init_scale"]
     assert flag.option_strings == ["--init-scale"] and flag.default is None
     assert INIT_SCALE_HELP in flag.help and f"({NAME}; default 2)" in flag.help
-    assert f"(lora, lora-fa, vera, lora-plus, {NAME}; default 0, 0.1 for {NAME})" in train["dropout"].help
+    assert f"(lora, lora-fa, vera, lora-plus, dora, {NAME}; default 0, 0.1 for {NAME})" in train["dropout"].help
     with pytest.raises(SystemExit):
         main(["train", "--variant", NAME, "--rank", "2", "--out", str(tmp_path / "x"), "--init-scale", "nan"])
     assert "argument --init-scale: must be a finite number, not nan" in capsys.readouterr().err

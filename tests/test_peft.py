@@ -1,4 +1,4 @@
-"""Parity with peft's own LoRA and VeRA layers, and the adapter format both ways."""
+"""Parity with peft's own LoRA, DoRA and VeRA layers, and the adapter format both ways."""
 
 from __future__ import annotations
 
@@ -73,12 +73,19 @@ def _randomise_both(ours: nn.Module, theirs: nn.Module, variant: str) -> None:
     with torch.no_grad():
         for name, layer in layers.items():
             other = peft_layers[name]
-            if variant == "lora":
+            if variant in ("lora", "dora"):
                 for mine, peft_param in ((layer.lora_A, other.lora_A["default"].weight),
                                          (layer.lora_B, other.lora_B["default"].weight)):
                     value = torch.randn(mine.shape, generator=generator) * 0.2
                     mine.copy_(value)
                     peft_param.copy_(value)
+                if variant == "dora":  # both start at ||W||_c; moved, so that m / ||W + s B A||_c is not 1
+                    magnitude = other.lora_magnitude_vector["default"].weight
+                    # peft sums the squares of Conv1D's stored (in, out) weight in another order: float32 rounding
+                    torch.testing.assert_close(layer.lora_magnitude_vector, magnitude, rtol=1e-6, atol=0)
+                    value = magnitude * (1 + 0.3 * torch.randn(magnitude.shape, generator=generator))
+                    layer.lora_magnitude_vector.copy_(value)
+                    magnitude.copy_(value)
             else:
                 for mine, peft_param in ((layer.vera_lambda_b, other.vera_lambda_b["default"]),
                                          (layer.vera_lambda_d, other.vera_lambda_d["default"])):
@@ -88,7 +95,8 @@ def _randomise_both(ours: nn.Module, theirs: nn.Module, variant: str) -> None:
 
 
 CASES = [(m, "lora", {}) for m in MODELS] + [
-    ("plain", "lora", {"rslora": True}), ("bert", "lora", {"alpha": 24}), *((m, "vera", {}) for m in MODELS)
+    ("plain", "lora", {"rslora": True}), ("bert", "lora", {"alpha": 24}), *((m, "vera", {}) for m in MODELS),
+    *((m, "dora", {}) for m in MODELS), ("bert", "dora", {"rslora": True, "alpha": 24}),
 ]
 
 
@@ -96,10 +104,11 @@ CASES = [(m, "lora", {}) for m in MODELS] + [
 def test_outputs_and_gradients_equal_peft(layout, variant, extra):
     build, targets, inputs, read = MODELS[layout]
     ours = build().eval()
-    if variant == "lora":
+    if variant in ("lora", "dora"):
         alpha = extra.get("alpha", 8)
-        wb.add_adapters(ours, "lora", 4, alpha=alpha, targets=targets, rslora=extra.get("rslora", False))
-        config = LoraConfig(r=4, lora_alpha=alpha, target_modules=targets, use_rslora=extra.get("rslora", False))
+        wb.add_adapters(ours, variant, 4, alpha=alpha, targets=targets, rslora=extra.get("rslora", False))
+        config = LoraConfig(r=4, lora_alpha=alpha, target_modules=targets, use_rslora=extra.get("rslora", False),
+                            use_dora=variant == "dora")
     else:
         wb.add_adapters(ours, "vera", 4, targets=targets, projection_seed=3)
         config = VeraConfig(r=4, target_modules=targets, projection_prng_key=3)
@@ -120,7 +129,7 @@ def test_outputs_and_gradients_equal_peft(layout, variant, extra):
     peft_layers = _peft_layers(theirs)
     for name, layer in wb.adapter_layers(ours):
         for attribute, param in layer.adapter_params().items():
-            if variant == "lora":
+            if variant in ("lora", "dora"):  # peft's lora_A, lora_B and lora_magnitude_vector are modules
                 peft_param = getattr(peft_layers[name], attribute)["default"].weight
             else:
                 peft_param = getattr(peft_layers[name], attribute)["default"]
@@ -136,7 +145,7 @@ def _train_a_little(model: nn.Module, inputs, read) -> None:
 
 
 EXPORTS = [(v, "plain") for v in wb.VARIANTS] + [("lora", "gpt2"), ("vera", "gpt2"), ("lora-plus", "llama"),
-                                                 ("vera", "bert")]
+                                                 ("vera", "bert"), ("dora", "gpt2"), ("dora", "llama")]
 
 
 @pytest.mark.parametrize(("variant", "layout"), EXPORTS, ids=[f"{v}-{m}" for v, m in EXPORTS])
@@ -157,16 +166,18 @@ def test_export_loads_in_peft_with_the_same_outputs(variant, layout, tmp_path):
         base = build().eval()
     loaded = PeftModel.from_pretrained(base, tmp_path).eval()
     torch.testing.assert_close(read(loaded(inputs)), expected, rtol=1e-5, atol=1e-6)
-    peft_type = json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"]
-    assert peft_type == ("VERA" if variant == "vera" else "LORA")
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert written["peft_type"] == ("VERA" if variant == "vera" else "LORA")
+    assert written.get("use_dora", False) == (variant == "dora")
 
 
-@pytest.mark.parametrize("variant", ["lora", "vera"])
+@pytest.mark.parametrize("variant", ["lora", "vera", "dora"])
 @pytest.mark.parametrize("layout", ["plain", "gpt2"])
 def test_import_of_a_peft_adapter_gives_peft_outputs(variant, layout, tmp_path):
     build, targets, inputs, read = MODELS[layout]
-    config = (LoraConfig(r=4, lora_alpha=16, target_modules=targets, init_lora_weights=False) if variant == "lora"
-              else VeraConfig(r=4, target_modules=targets, projection_prng_key=7))
+    config = (VeraConfig(r=4, target_modules=targets, projection_prng_key=7) if variant == "vera" else
+              LoraConfig(r=4, lora_alpha=16, target_modules=targets, init_lora_weights=False,
+                         use_dora=variant == "dora"))
     peft_model = get_peft_model(build().eval(), config)
     if variant == "vera":
         with torch.no_grad():
@@ -203,7 +214,8 @@ REFUSALS = [
     (lambda p: ((p / "adapter_model.safetensors").rename(p / "adapter_model.bin")),
      r"only adapter_model.bin, a pickle, which is never loaded"),
     (lambda p: _edit_config(p, peft_type="IA3"), r"peft_type 'IA3' .* is not supported; valid: LORA, VERA"),
-    (lambda p: _edit_config(p, use_dora=True), r"use_dora=True is not supported"),
+    (lambda p: _edit_config(p, use_dora=True), r"the adapter file lacks 'lora_magnitude_vector' of module '0'"),
+    (lambda p: _edit_config(p, lora_bias=True), r"lora_bias=True is not supported"),
     (lambda p: _replace_weights(p, lambda t: {k: torch.zeros(v.shape[0], v.shape[1] + 1) for k, v in t.items()}),
      r"has shape .* but the model's '0' needs"),
     (lambda p: _replace_weights(p, lambda t: {k.replace("model.2.", "model.9."): v for k, v in t.items()}),
@@ -237,7 +249,7 @@ def _truncate(path) -> None:
 
 
 @pytest.mark.parametrize(("damage", "message"), REFUSALS,
-                         ids=["no-config", "pickle-only", "other-type", "dora", "bad-shape", "unknown-module",
+                         ids=["no-config", "pickle-only", "other-type", "dora-without-magnitude", "lora-bias", "bad-shape", "unknown-module",
                               "no-alpha", "text-rank", "text-flag", "cut-config", "cut-weights", "saved-module-missing",
                               "saved-not-a-list", "saved-bad-shape", "saved-stray-tensor"])
 def test_import_refusals_leave_the_model_unchanged(damage, message, tmp_path):

@@ -32,6 +32,7 @@ CHANGES = {
     "vera": {"vera_lambda_b", "vera_lambda_d"},
     "delta-lora": {"lora_A", "lora_B", "base_layer.weight"},
     "lora-plus": {"lora_A", "lora_B"},
+    "dora": {"lora_A", "lora_B", "lora_magnitude_vector"},
 }
 
 
@@ -92,6 +93,34 @@ def test_lora_layer_is_w_x_plus_scaled_b_a_x(rslora):
     bound = 1 / math.sqrt(24)  # Kaiming-uniform with a = sqrt(5) is U(-1/sqrt(in), 1/sqrt(in))
     assert layer.lora_A.abs().max() <= bound and layer.lora_A.abs().max() > 0.8 * bound
     assert layer.lora_A.shape == (4, 24) and layer.lora_B.shape == (16, 4)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_dora_layer_is_the_magnitude_times_the_row_normalised_updated_weight(rslora):
+    """h = m / ||W + s B A||_c * (W + s B A) x + b, written out in double, with the norm a constant in backward."""
+    model = wb.add_adapters(mlp(), "dora", 4, alpha=12, targets="2", rslora=rslora)
+    layer = model[2]
+    w, b = layer.base_layer.weight.detach(), layer.base_layer.bias.detach()
+    torch.testing.assert_close(layer.lora_magnitude_vector.detach(), w.norm(dim=1))  # m starts as ||W||_c
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator))
+        layer.lora_magnitude_vector.mul_(1 + 0.5 * torch.rand(16, generator=generator))
+    h = torch.randn(5, 24, generator=generator)
+    weights = torch.randn(5, 16, generator=generator)
+    (layer(h) * weights).sum().backward()
+
+    scale = 12 / math.sqrt(4) if rslora else 12 / 4
+    m, a, b_ = (p.detach().double().requires_grad_() for p in
+                (layer.lora_magnitude_vector, layer.lora_A, layer.lora_B))
+    updated = w.double() + scale * b_ @ a  # V = W + s B A, (16, 24)
+    norm = updated.norm(dim=1).detach()  # ||V||_c, (16,), no gradient
+    expected = h.double() @ ((m / norm)[:, None] * updated).T + b.double()
+    torch.testing.assert_close(layer(h).double(), expected.detach(), rtol=1e-5, atol=1e-6)  # float32 against double
+    (expected * weights.double()).sum().backward()
+    for mine, theirs in ((layer.lora_magnitude_vector, m), (layer.lora_A, a), (layer.lora_B, b_)):
+        torch.testing.assert_close(mine.grad.double(), theirs.grad, rtol=1e-4, atol=1e-6)
+    assert set(layer.adapter_params()) == {"lora_A", "lora_B", "lora_magnitude_vector"}
 
 
 def test_vera_layer_formula_and_shared_projections():

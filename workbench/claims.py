@@ -34,7 +34,7 @@ COLUMNS = ["claim", "source", "task", "rank", "measurement", "effect", "ci_low",
            "verdict"]
 VERA_MIN_RATIO = 10.0  # LoRA's trainable parameters over VeRA's, at least
 SMALL_ACCURACY_COST = 0.05  # validation accuracy a variant may lose against LoRA, absolute
-DELTA_LORA_MARGIN = 0.01  # Delta-LoRA's validation value may be worse than LoRA's by this fraction of it
+MATCH_MARGIN = 0.01  # a variant that "matches" LoRA may have a validation value worse by this fraction of LoRA's
 
 
 def verdict(low: float, high: float, n: int, threshold: float, better: str) -> str:
@@ -161,7 +161,12 @@ LORA_FA_COST = Claim(
 DELTA_LORA = Claim(
     "Delta-LoRA matches or beats LoRA", "Zi et al., 2023 (Delta-LoRA)",
     f"per seed: how much worse Delta-LoRA's best validation value is than LoRA's, as a fraction of LoRA's; "
-    f"holds if below {DELTA_LORA_MARGIN:g} (a margin for 'matches')", DELTA_LORA_MARGIN, "below")
+    f"holds if below {MATCH_MARGIN:g} (a margin for 'matches')", MATCH_MARGIN, "below")
+DORA = Claim(
+    "DoRA matches or beats LoRA, especially at low rank", "Liu et al., 2024 (DoRA)",
+    f"per seed and rank: how much worse DoRA's best validation value is than LoRA's, as a fraction of LoRA's; "
+    f"holds if below {MATCH_MARGIN:g} (a margin for 'matches'); the rows by rank show where it gains most",
+    MATCH_MARGIN, "below")
 RSLORA = Claim(
     "rsLoRA keeps improving with rank where LoRA saturates", "Kalajdzievski, 2023 (rsLoRA)",
     "per seed: the improvement of the best validation value from the lowest to the highest rank run, rsLoRA's "
@@ -245,6 +250,7 @@ def check_claims(runs: pd.DataFrame | str | os.PathLike[str], metrics: pd.DataFr
         *_paired(LORA_FA_MEMORY, runs, summary, "lora-fa", "saved_bytes", lambda lora, fa: fa / lora),
         *_paired(LORA_FA_COST, runs, summary, "lora-fa", "val_acc", _difference),
         *_paired(DELTA_LORA, runs, summary, "delta-lora", "best_value", _shortfall(metric_mode(monitor))),
+        *_paired(DORA, runs, summary, "dora", "best_value", _shortfall(metric_mode(monitor))),
         *_rslora(runs, summary),
         *_speed(PISSA, runs, metrics, summary, (LORA, "init=pissa"), (LORA, DEFAULT)),
         *_paired(FORGETTING, runs, summary, "full", "forget_loss", _difference, rank_free=True),
@@ -254,4 +260,5 @@ def check_claims(runs: pd.DataFrame | str | os.PathLike[str], metrics: pd.DataFr
     return table
 
 
-CLAIMS = (LORA_PLUS, VERA_PARAMETERS, VERA_COST, LORA_FA_MEMORY, LORA_FA_COST, DELTA_LORA, RSLORA, PISSA, FORGETTING)
+CLAIMS = (LORA_PLUS, VERA_PARAMETERS, VERA_COST, LORA_FA_MEMORY, LORA_FA_COST, DELTA_LORA, DORA, RSLORA, PISSA,
+          FORGETTING)

@@ -15,7 +15,8 @@ Modules trained in full are the container's, the same for every variant: peft li
 holds a copy, ``<module>.modules_to_save.default``; the file drops that part of the key).
 
 Every LoRA-based variant (lora, lora-fa, lora-plus, delta-lora) exports as a plain LoRA: the
-forward of each is W x + s B A x. Only safetensors and JSON are read: never a pickle.
+forward of each is W x + s B A x; DoRA as a LoRA with ``use_dora=True`` and its magnitude vectors
+(``lora_magnitude_vector``, (out,)). Only safetensors and JSON are read: never a pickle.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def export_peft(
       W x + s B A x; a PiSSA adapter as the exact rank-2r LoRA on the original W, and layers
       left with different ranks by ``wb.reduce_rank`` with peft's ``rank_pattern`` and
       ``alpha_pattern`` (``wb.import_peft`` reads uniform ranks only).
+    - dora: peft's LoRA with ``use_dora=True``, each layer's magnitude saved beside A and B.
     - vera: peft's VeRA, with the shared projections saved.
 
     Modules trained in full (``add_adapters(..., train=[...])``) are written as peft writes its
@@ -176,9 +178,12 @@ _UNSUPPORTED = {
 }
 
 
-def _importer(peft_type: object) -> Variant | None:
-    """The variant a peft adapter of ``peft_type`` imports as: the first registered of that type."""
-    return next((get_variant(n) for n in variant_names() if get_variant(n).peft_type == peft_type), None)
+def _importer(config: dict[str, Any]) -> Variant | None:
+    """The variant a peft adapter config imports as: the first registered of its ``peft_type`` whose
+    ``peft_fields`` the config has (those with more fields first: DoRA's ``use_dora=True`` before LoRA)."""
+    candidates = [get_variant(n) for n in variant_names() if get_variant(n).peft_type == config.get("peft_type")]
+    matching = [v for v in candidates if all(config.get(key) == value for key, value in v.peft_fields.items())]
+    return max(matching, key=lambda v: len(v.peft_fields), default=None)
 
 
 def _read_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], Variant]:
@@ -195,12 +200,12 @@ def _read_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tens
         raise ValueError(f"{config_path}: not readable as JSON ({error})") from None
     if not isinstance(config, dict):
         raise ValueError(f"{config_path}: not an adapter config (a JSON object with peft_type, r, ...)")
-    variant = _importer(config.get("peft_type"))
+    variant = _importer(config)
     if variant is None:
         valid = ", ".join(dict.fromkeys(t for n in variant_names() if (t := get_variant(n).peft_type) is not None))
         raise ValueError(f"peft_type {config.get('peft_type')!r} in {config_path} is not supported; valid: {valid}")
     for key, default in _UNSUPPORTED.items():
-        if config.get(key, default) not in (default, None, {}, False):
+        if key not in variant.peft_fields and config.get(key, default) not in (default, None, {}, False):
             raise ValueError(
                 f"{config_path}: {key}={config[key]!r} is not supported (only plain {config['peft_type']})"
             )
@@ -307,7 +312,7 @@ def import_peft(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Modul
     ``model`` must be the base model the adapter was trained on, without adapters. An adapter of
     a peft type becomes the first registered variant of that type, which reads its config
     (``Variant.from_peft``) and tensors (``Variant.load_peft``): a LoRA adapter becomes variant
-    ``"lora"``, a VeRA adapter ``"vera"`` (with the saved projections when the file holds them,
+    ``"lora"`` (``"dora"`` with ``use_dora=True``), a VeRA adapter ``"vera"`` (with the saved projections when the file holds them,
     else regenerated from ``projection_prng_key``).
 
     The modules of ``modules_to_save`` are selected as peft selects them (every module whose name

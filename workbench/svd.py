@@ -63,9 +63,15 @@ def spectrum(model: nn.Module) -> pd.DataFrame:
         A layer of rank r has min(r, out, in) rows: the update has no more nonzero values.
 
     Raises:
-        ValueError: the model has no adapters.
+        ValueError: the model has no adapters, or its variant's update is not of rank r (DoRA's).
     """
-    adapter_config(model)
+    variant = get_variant(adapter_config(model).variant)
+    if not variant.low_rank_update:
+        low_rank = [name for name in variant_names() if get_variant(name).low_rank_update]
+        raise ValueError(
+            f"variant {variant.name!r} has no low-rank spectrum: its update W' - W is not of rank r; variants "
+            f"whose update is: {', '.join(low_rank)}"
+        )
     rows = []
     for name, layer in adapter_layers(model):
         values = _top_singular_values(layer)

@@ -1,7 +1,8 @@
 """Adapter layers, one file per variant, and the registry that maps names to them."""
 
 # Importing a variant's file registers it; this order is the order of VARIANTS.
-from . import lora, lora_fa, vera, delta_lora, lora_plus  # noqa: F401, I001
+from . import lora, lora_fa, vera, delta_lora, lora_plus, dora  # noqa: F401, I001
+from .dora import DoRALinear
 from .layer import AdapterLayer, adapter_layers, is_conv1d, is_supported, linear_shape
 from .lora import LoRALinear, alpha_for_rank, lora_scaling, svd_factors
 from .lora_fa import LoRAFALinear
@@ -29,6 +30,7 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "VARIANTS",
     "AdapterLayer",
+    "DoRALinear",
     "LoRAFALinear",
     "LoRALinear",
     "Option",

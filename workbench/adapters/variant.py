@@ -156,11 +156,16 @@ class Variant(ABC):
         reducible: whether ``wb.reduce_rank`` can truncate each layer's update on its own: the
             update is s B A with per-layer factors, and the layer has ``lora_A``, ``lora_B``,
             ``scaling`` and ``set_factors`` (as ``LoRALinear``).
+        low_rank_update: whether ``delta_weight()`` has rank at most r, so that its singular values
+            are the update's spectrum (``wb.spectrum``); DoRA's rescales the rows of W, so it is not.
         moves_base_weights: whether training changes the adapted layers' base weights, so a
             checkpoint of what training changes must hold them, and a PEFT export (which holds
             only the adapter) must be loaded on the moved weights.
         peft_type: the PEFT adapter type it exports as (``"LORA"``, ``"VERA"``), or None if it has
-            none. A PEFT adapter of a type imports as the first registered variant of that type.
+            none. A PEFT adapter of a type imports as the first registered variant of that type
+            whose ``peft_fields`` it has, those with more fields first.
+        peft_fields: config fields, with their values, that mark the variant among those of its
+            ``peft_type``, e.g. DoRA's ``{"use_dora": True}``; written on export, matched on import.
         peft_tensors: the names of each layer's tensors in peft's file, e.g. ``"lora_A.weight"``.
         peft_shared: the names of the model-wide tensors peft may save, e.g. ``"vera_A"``.
     """
@@ -170,8 +175,10 @@ class Variant(ABC):
     uses_alpha: ClassVar[bool] = True
     rank_limited: ClassVar[bool] = True
     reducible: ClassVar[bool] = False
+    low_rank_update: ClassVar[bool] = True
     moves_base_weights: ClassVar[bool] = False
     peft_type: ClassVar[str | None] = None
+    peft_fields: ClassVar[Mapping[str, Any]] = {}
     peft_tensors: ClassVar[tuple[str, ...]] = ()
     peft_shared: ClassVar[tuple[str, ...]] = ()
 
