@@ -310,10 +310,11 @@ def import_peft(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Modul
     """Load an adapter that peft saved (LoRA or VeRA) onto ``model``, with peft's outputs.
 
     ``model`` must be the base model the adapter was trained on, without adapters. An adapter of
-    a peft type becomes the first registered variant of that type, which reads its config
-    (``Variant.from_peft``) and tensors (``Variant.load_peft``): a LoRA adapter becomes variant
-    ``"lora"`` (``"dora"`` with ``use_dora=True``), a VeRA adapter ``"vera"`` (with the saved projections when the file holds them,
-    else regenerated from ``projection_prng_key``).
+    a peft type becomes the first registered variant of that type whose ``peft_fields`` it has,
+    which reads its config (``Variant.from_peft``) and tensors (``Variant.load_peft``): a LoRA
+    adapter becomes variant ``"lora"`` (``"dora"`` with ``use_dora=True``), a VeRA adapter
+    ``"vera"`` (with the saved projections when the file holds them, else regenerated from
+    ``projection_prng_key``).
 
     The modules of ``modules_to_save`` are selected as peft selects them (every module whose name
     ends with an entry; an entry that matches none is skipped, as peft skips it), trained in full
