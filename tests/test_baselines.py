@@ -126,7 +126,7 @@ def test_a_sweep_runs_a_baseline_once_per_lr_and_seed_with_its_own_learning_rate
 
 
 @pytest.mark.parametrize(("arguments", "message"), [
-    ({"variants": ["lora", "dora"]}, r"unknown variant 'dora'; valid variants: lora, lora-fa, .*; valid baselines: "
+    ({"variants": ["lora", "adalora"]}, r"unknown variant 'adalora'; valid variants: lora, lora-fa, .*; valid baselines: "
                                      r"full, head"),
     ({"variants": ["lora", "full"], "lrs": {"lora": [1e-2]}}, r"lrs .* has none for full: give every variant"),
     ({"variants": ["full"], "lrs": {"full": [1e-3], "lora": [1e-2]}}, r"lrs names 'lora', which the sweep does not"),

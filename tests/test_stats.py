@@ -14,7 +14,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 import workbench as wb
-from workbench.claims import FAILS, HOLDS, INCONCLUSIVE, UNMEASURED, check_claims, verdict
+from workbench.claims import CLAIMS, FAILS, HOLDS, INCONCLUSIVE, UNMEASURED, check_claims, verdict
 from workbench.stats import interval, pareto_front, summarize
 
 
@@ -183,6 +183,6 @@ def test_rslora_gain_with_rank_and_forgetting_against_full():
 
 def test_every_claim_has_a_row_on_an_empty_table():
     table = wb.check_claims(pd.DataFrame(), pd.DataFrame())
-    assert len(table) == 9 and set(table["verdict"]) == {UNMEASURED}
+    assert len(table) == len(CLAIMS) and set(table["verdict"]) == {UNMEASURED}
     assert list(table.columns)[:1] == ["claim"]
     assert set(itertools.chain(["effect", "ci_low", "ci_high", "n", "verdict"])) <= set(table.columns)

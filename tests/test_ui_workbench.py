@@ -118,7 +118,7 @@ def test_variant_options_are_shown_only_for_their_variant_and_reach_the_run(tmp_
         for name, control in shown.items():  # untouched: the variant's default, its help as the tooltip
             assert control.value == options[name].default and control.tooltip == options[name].help
         assert (panel.alpha.layout.display == "none") == (not wb.get_variant(variant).uses_alpha)
-    assert panel.alpha.layout.display == "" and panel.variant.value == "lora-plus"
+    assert panel.alpha.layout.display == "" and panel.variant.value == wb.VARIANTS[-1]
     assert type(panel.options["rslora"]).__name__ == "Checkbox"
     assert type(panel.options["delta_start"]).__name__ == "IntText"
     assert type(panel.options["lr_ratio"]).__name__ == "FloatText"

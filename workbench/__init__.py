@@ -18,6 +18,7 @@ from .adapters import AdapterLayer, adapter_layers, get_variant, variant_names, 
 from .baselines import BASELINES
 from .checkpoints import CheckpointError, CheckpointManager
 from .claims import check_claims
+from .compress import LowRankLinear, compress, compressed_ranks
 from .memory import SavedTensors, saved_activations
 from .optim import make_optimizer
 from .peft_format import export_peft, import_peft
@@ -25,6 +26,8 @@ from .report import write_report
 from .runs import (
     Run,
     best_checkpoint,
+    compress_task,
+    compression_stages,
     delete_checkpoint,
     effective_rank,
     evaluate_checkpoint,
@@ -70,6 +73,7 @@ __all__ = [
     "Callback",
     "CheckpointError",
     "CheckpointManager",
+    "LowRankLinear",
     "Run",
     "SavedTensors",
     "Task",
@@ -79,6 +83,10 @@ __all__ = [
     "add_adapters",
     "best_checkpoint",
     "check_claims",
+    "compress",
+    "compress_task",
+    "compressed_ranks",
+    "compression_stages",
     "delete_checkpoint",
     "effective_rank",
     "evaluate",

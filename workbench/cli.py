@@ -1,4 +1,4 @@
-"""The ``workbench`` command line: train, sweep, the tables (runs, summary, claims), best, export, report."""
+"""The ``workbench`` command line: train, sweep, compress, the tables (runs, summary, claims), best, export, report."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from .distributed import torchrun_group
 from .report import write_report
 from .runs import (
     best_checkpoint,
+    compress_task,
     effective_rank,
     export_checkpoint,
     frozen_metrics,
@@ -34,6 +35,7 @@ from .runs import (
     sweep,
     train,
 )
+from .runs.compression import FACTORS
 from .runs.executors import EXECUTORS, MissingExtraError
 from .tasks import TASKS, Task, causal_lm, get_task, text_classification
 from .trainer import PRECISIONS, SCHEDULES, Callback, Trainer
@@ -307,6 +309,28 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", default="peft", choices=["peft"], help="(default peft)")
     export.add_argument("--to", required=True, type=Path, help="the adapter directory to write")
 
+    compressing = commands.add_parser("compress", help="compress the task's pretrained model by truncated SVD and "
+                                      "recover by training: three runs side by side in --out (svd, rank-reduced, "
+                                      "finetuned)")
+    _add_run_options(compressing)
+    budget = compressing.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--rank", type=_positive_int, help="the rank k of every compressed layer")
+    budget.add_argument("--energy", type=_fraction, help="per layer, the smallest rank keeping this fraction (0, 1] "
+                        "of the squared singular values")
+    budget.add_argument("--params", type=_positive_int, help="the compressed model's parameter count; ranks are "
+                        "allocated across layers by the largest singular values first")
+    compressing.add_argument("--layers", type=_list_of(str), help="comma-separated layers to compress, as --targets "
+                             "(default every linear layer but the task's own trained modules, e.g. a new head)")
+    compressing.add_argument("--recover", default=FACTORS, choices=[FACTORS, *variant_names(), *BASELINES],
+                             help="factors (default): train the compressed factors themselves, so the model keeps "
+                             "its compressed size; or an adapter variant on the factors, at --recover-rank; or full")
+    compressing.add_argument("--recover-rank", type=_positive_int, default=8,
+                             help="the adapter's rank with an adapter --recover (default 8)")
+    compressing.add_argument("--lr", type=_positive_float, default=1e-4, help="recovery learning rate "
+                             "(default 0.0001)")
+    compressing.add_argument("--seed", type=int, default=0, help="(default 0)")
+    compressing.add_argument("--out", required=True, type=Path, help="the directory of the three stage runs")
+
     reduce = commands.add_parser("reduce", help="reduce a checkpoint's adapters to a lower rank (truncated SVD) and "
                                  "save it, stage rank-reduced, as a new run")
     reduce.add_argument("checkpoint", type=Path, help="a checkpoint directory of a run")
@@ -453,6 +477,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(best_checkpoint(args.directory, args.metric, args.mode))
         elif args.command == "export":
             print(export_checkpoint(args.checkpoint, args.to, args.format))
+        elif args.command == "compress":
+            stages = compress_task(_task(args), args.out, rank=args.rank, energy=args.energy, params=args.params,
+                                   layers=args.layers, recover=args.recover, recover_rank=args.recover_rank,
+                                   steps=args.steps, lr=args.lr, seed=args.seed, **_run_settings(args))
+            print(stages.drop(columns=["run", "path"]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+            print(f"\nthe three stages, each a run (workbench runs {args.out}): {args.out}")
         elif args.command == "reduce":
             path, table = reduce_checkpoint(args.checkpoint, args.out, rank=args.rank, energy=args.energy)
             print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))

@@ -5,8 +5,9 @@ the stages beside the step. These are the stages the workbench writes itself; a 
 a checkpoint with any other string.
 """
 
+SVD = "svd"  # a compressed model factorised at full rank (``wb.compress``): the original's outputs, validated
 SVD_INIT = "svd-init"  # step 0 of a run whose adapters start from the SVD of W (init="pissa"), validated
 FINETUNED = "finetuned"  # the last checkpoint of a finished fit
-RANK_REDUCED = "rank-reduced"  # a checkpoint whose adapters wb.reduce_checkpoint truncated to a lower rank
+RANK_REDUCED = "rank-reduced"  # adapters wb.reduce_checkpoint truncated, or a model wb.compress truncated
 
-STAGES: tuple[str, ...] = (SVD_INIT, FINETUNED, RANK_REDUCED)
+STAGES: tuple[str, ...] = (SVD, SVD_INIT, FINETUNED, RANK_REDUCED)

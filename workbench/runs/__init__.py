@@ -5,9 +5,11 @@
 - ``run``: ``Run`` and ``train``, which write one;
 - ``tables``: ``load_runs``, ``load_metrics``, ``load_checkpoints``, ``best_checkpoint``, ``summarize``: reading them;
 - ``operations``: what is done to a run's checkpoints (load, evaluate, export, delete, reduce, spectra);
-- ``sweep`` and ``executors``: many runs, in this process or on Ray.
+- ``sweep`` and ``executors``: many runs, in this process or on Ray;
+- ``compression``: a task's base compressed by truncated SVD and recovered, three stage runs side by side.
 """
 
+from .compression import compress_task, compression_stages
 from .layout import CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, RunRecord, RunSettings, checkpoints_path, is_run
 from .operations import (
     delete_checkpoint,
@@ -34,6 +36,8 @@ __all__ = [
     "RunSettings",
     "best_checkpoint",
     "checkpoints_path",
+    "compress_task",
+    "compression_stages",
     "delete_checkpoint",
     "effective_rank",
     "evaluate_checkpoint",

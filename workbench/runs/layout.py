@@ -25,6 +25,7 @@ from ..adapters import get_variant
 from ..baselines import BASELINES, TAKES_TRAIN, check_baseline_settings, is_baseline, prepare_baseline
 from ..checkpoints import stages
 from ..checkpoints.files import write_json
+from ..compress import factorize
 from ..selection import resolve_mode
 from ..tasks import TASKS, Task, from_source, get_task
 from ..trainer import check_seed
@@ -32,7 +33,7 @@ from ..trainer import check_seed
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
-STATUSES = ("running", "finished", "stopped", "diverged", "failed", stages.RANK_REDUCED)
+STATUSES = ("running", "finished", "stopped", "diverged", "failed", stages.RANK_REDUCED, stages.SVD)
 
 
 class RunSettings(TypedDict):
@@ -65,6 +66,8 @@ class RunSettings(TypedDict):
     accumulate: int  # micro-batches per optimizer step
     precision: str  # "float32" or "bf16"
     eval_batches: int | None  # None: validate on the whole split
+    compression: dict[str, Any] | None  # a compressed base (``wb.compress``): {"ranks": {layer: k}, and how they
+    #                                     were chosen}; the base is factorised at these ranks before anything else
 
 
 class RunRecord(TypedDict, total=False):
@@ -74,6 +77,7 @@ class RunRecord(TypedDict, total=False):
     status: str  # one of STATUSES
     message: str  # why it stopped, when it did not finish
     trainable: int  # trainable parameters
+    parameters: int  # all the model's parameters (a compressed model's are fewer)
     saved_bytes: int | None  # bytes autograd saved for backward on the first training batch (its first micro-batch;
     #                          under a process group, rank 0's share), measured as it trained
     peak_rss: int | None  # the process's peak resident memory (bytes) while fit() trained, the largest over
@@ -90,7 +94,8 @@ class RunRecord(TypedDict, total=False):
 
 # what a record from before these settings means
 TRAINER_DEFAULTS = {"task_source": None, "train": None, "schedule": "constant", "warmup_steps": 0,
-                    "max_grad_norm": None, "accumulate": 1, "precision": "float32", "eval_batches": None}
+                    "max_grad_norm": None, "accumulate": 1, "precision": "float32", "eval_batches": None,
+                    "compression": None}
 REQUIRED_SETTINGS = ("task", "variant", "rank", "alpha", "targets", "options", "lr", "seed", "steps", "monitor",
                      "mode")
 
@@ -257,10 +262,13 @@ def _resolve_baseline(task: Task, settings: dict[str, Any]) -> RunSettings:
 
 
 def build_model(task: Task, settings: RunSettings) -> nn.Module:
-    """The run's model before training: the task's base, adapted as the settings say (or prepared for a
-    baseline: ``workbench.baselines.prepare_baseline``), from the seed."""
+    """The run's model before training: the task's base (factorised at the recorded ranks for a compressed
+    run: ``wb.compress``), adapted as the settings say (or prepared for a baseline:
+    ``workbench.baselines.prepare_baseline``), from the seed."""
     torch.manual_seed(settings["seed"])
     model = task.base_model()
+    if settings.get("compression"):
+        factorize(model, settings["compression"]["ranks"])
     if is_baseline(settings["variant"]):
         return prepare_baseline(model, settings["variant"], settings.get("train"))
     targets = settings["targets"] if settings["targets"] is not None else task.default_targets

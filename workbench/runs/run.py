@@ -55,6 +55,10 @@ class Run:
             metrics are measured in the run's precision too.
         keep_last, keep_best, monitor, mode: see ``wb.CheckpointManager``; the mode is inferred from the
             monitor's name when not given (``"max"`` for ``val_acc``).
+        compression: a compressed base, ``{"ranks": {layer: k}}`` (``wb.compress_task`` writes it; more keys
+            may say how the ranks were chosen): the task's base is factorised at those ranks
+            (``wb.compress.factorize``) before adapters go on, e.g. ``targets=["up", "down"]``
+            (the factors), or ``"head"`` with the factors in ``train=``.
         process_group, device: data-parallel training (see ``wb.Trainer``): every process of the
             group makes the same ``Run`` and calls ``fit``; only rank 0 writes the directory.
     """
@@ -90,6 +94,7 @@ class Run:
         accumulate: int = 1,
         precision: str = "float32",
         eval_batches: int | None = None,
+        compression: dict[str, Any] | None = None,
         **options: Any,
     ) -> None:
         self.task = get_task(task) if isinstance(task, str) else task
@@ -104,6 +109,7 @@ class Run:
             "keep_last": keep_last, "keep_best": keep_best, "monitor": monitor, "mode": mode,
             "schedule": schedule, "warmup_steps": warmup_steps, "max_grad_norm": max_grad_norm,
             "accumulate": accumulate, "precision": precision, "eval_batches": eval_batches,
+            "compression": compression,
         })
         self.record: RunRecord = {}
         self.resume = resume
@@ -170,6 +176,7 @@ class Run:
             "settings": self.settings,
             "status": "running",
             "trainable": trainable_parameters(self.model),
+            "parameters": sum(p.numel() for p in self.model.parameters()),
             "saved_bytes": self.record.get("saved_bytes"),
             "started": self.record.get("started", datetime.now(UTC).isoformat(timespec="seconds")),
             "wall_time": self.record.get("wall_time", 0.0),

@@ -31,15 +31,15 @@ def load_runs(directory: str | os.PathLike[str]) -> pd.DataFrame:
 
     Columns: run, task, variant, rank (None for the baselines "full" and "head"), options (the
     variant's options that differ from their defaults, e.g. "init=pissa"; "" for none), alpha, lr,
-    seed, trainable, saved_bytes, peak_rss (bytes; the process's peak resident memory while the run
-    trained, where measurable), steps, steps_done, monitor, best_value, best_step, best_checkpoint
-    (by validation, among checkpoints that pass verification), that checkpoint's validation
-    metrics (val_loss, val_acc, ...: one checkpoint per run, chosen by the one rule), test_loss and
-    test_acc (measured on that checkpoint), wall_time and eval_time (seconds: all of ``fit``, and the part
-    of it spent validating and testing), status, path; then any other held-out metric the runs measured on
-    that checkpoint (a language model's test_ppl, forget_loss, forget_ppl, ...). Runs
-    still going show their checkpoints so far; a run whose config.json is unreadable is left out
-    with a warning.
+    seed, trainable, parameters (the whole model's; a compressed model's are fewer), saved_bytes,
+    peak_rss (bytes; the process's peak resident memory while the run trained, where measurable),
+    steps, steps_done, monitor, best_value, best_step, best_checkpoint (by validation, among
+    checkpoints that pass verification), that checkpoint's validation metrics (val_loss, val_acc,
+    ...: one checkpoint per run, chosen by the one rule), test_loss and test_acc (measured on that
+    checkpoint), wall_time and eval_time (seconds: all of ``fit``, and the part of it spent
+    validating and testing), status, path; then any other held-out metric the runs measured on
+    that checkpoint (a language model's test_ppl, forget_loss, forget_ppl, ...). Runs still going
+    show their checkpoints so far; a run whose config.json is unreadable is left out with a warning.
     """
     rows = []
     for run, record in records(directory):
@@ -53,7 +53,8 @@ def load_runs(directory: str | os.PathLike[str]) -> pd.DataFrame:
             "run": run.name, "task": settings["task"], "variant": settings["variant"], "rank": settings["rank"],
             "options": stats.options_label(settings["variant"], settings["options"]), "alpha": settings["alpha"],
             "lr": settings["lr"], "seed": settings["seed"],
-            "trainable": record.get("trainable"), "saved_bytes": record.get("saved_bytes"),
+            "trainable": record.get("trainable"), "parameters": record.get("parameters"),
+            "saved_bytes": record.get("saved_bytes"),
             "peak_rss": record.get("peak_rss"), "steps": settings["steps"],
             "steps_done": record.get("steps_done", int(table["step"].max()) if len(table) else 0),
             "monitor": monitor, "best_value": None if best is None else float(best[monitor]),
