@@ -231,3 +231,41 @@ def test_compress_task_refuses_before_writing_anything(tmp_path):
     with pytest.raises(ValueError, match="unknown variant 'nope'"):
         wb.compress_task("digits", tmp_path / "b", energy=0.5, recover="nope")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_runs_table_the_report_and_the_browser_show_the_stages_side_by_side(stage_runs, tmp_path):
+    out, table = stage_runs
+    runs = wb.load_runs(out).set_index("run")
+    assert set(runs["compression"]) == {"energy=0.6"}
+    assert dict(runs["compression_stage"]) == {s: s for s in (stages.SVD, stages.RANK_REDUCED, stages.FINETUNED)}
+    assert len(wb.summarize(out)) == 3  # each stage a configuration of its own, never pooled as seeds
+    figure = wb.plots.compression_stages(runs.reset_index(), "test_loss")
+    (trace,) = figure.data
+    assert list(trace.text) == [stages.SVD, stages.RANK_REDUCED, stages.FINETUNED]
+    assert list(trace.x) == list(table["parameters"]) and list(trace.y) == list(table["test_loss"])
+    page = wb.write_report(out, tmp_path / "report.html").read_text()
+    assert "<h2>Compression</h2>" in page
+    browser = wb.ui.CheckpointBrowser(out)
+    pd_testing_frame_equal(browser.stages, wb.compression_stages(out))
+    assert "compression stages" in browser.stages_table.value and "rank-reduced" in browser.stages_table.value
+
+
+def pd_testing_frame_equal(left, right) -> None:
+    import pandas as pd
+
+    pd.testing.assert_frame_equal(left.reset_index(drop=True), right.reset_index(drop=True))
+
+
+def test_the_cli_compresses_and_recovers_in_one_command(tmp_path, capsys):
+    from workbench.cli import main
+
+    out = tmp_path / "c"
+    assert main(["compress", "--task", "digits", "--rank", "4", "--steps", "50", "--lr", "3e-3", "--eval-every", "25",
+                 "--quiet", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert all(stage in printed for stage in (stages.SVD, stages.RANK_REDUCED, stages.FINETUNED))
+    ranks = wb.run_settings(out / stages.FINETUNED)["compression"]["ranks"]
+    assert set(ranks.values()) == {4}  # every layer of digits' MLP saves parameters at rank 4
+    with pytest.raises(SystemExit):
+        main(["compress", "--task", "digits", "--out", str(tmp_path / "d")])
+    assert "one of the arguments --rank --energy --params is required" in capsys.readouterr().err

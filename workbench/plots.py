@@ -310,6 +310,42 @@ def parameters_vs_metric(runs: pd.DataFrame, value: str = "best_value") -> go.Fi
     return figure
 
 
+STAGE_SYMBOLS = {"svd": "circle", "rank-reduced": "x", "finetuned": "diamond"}  # compress_task's stages, in order
+
+
+def compression_stages(runs: pd.DataFrame, value: str = "test_loss") -> go.Figure:
+    """Each compressed run's ``value`` against the model's parameter count, stages joined per compression.
+
+    Args:
+        runs: ``load_runs``' table (or ``wb.compression_stages``'); needs compression,
+            compression_stage, parameters and ``value``; runs that are not compressed are left out.
+        value: a column of numbers: test_loss, test_acc, test_ppl, ...
+
+    One line per compression (``"energy=0.9"``) through its stages, svd (the original at full
+    rank), rank-reduced and finetuned (recovered), each stage with its own marker.
+
+    Raises:
+        ValueError: a missing column.
+    """
+    require_columns(runs, ("compression", "compression_stage", "parameters", value), "compression_stages")
+    staged = runs[runs["compression_stage"].isin(list(STAGE_SYMBOLS))]
+    figure = go.Figure()
+    for index, (label, rows) in enumerate(staged.groupby("compression", sort=True)):
+        rows = rows.assign(order=rows["compression_stage"].map(list(STAGE_SYMBOLS).index)).sort_values("order")
+        figure.add_trace(go.Scatter(
+            x=rows["parameters"], y=rows[value], mode="lines+markers", name=label,
+            line={"color": run_color(index)}, text=rows["compression_stage"],
+            marker={"size": 11, "symbol": [STAGE_SYMBOLS[s] for s in rows["compression_stage"]]},
+            hovertemplate=f"{label}, %{{text}}<br>parameters %{{x:,}}<br>{_metric_label(value)} %{{y:.4g}}"
+                          "<extra></extra>",
+        ))
+    figure.update_layout(title=f"{_metric_label(value).capitalize()} against model size, by compression stage "
+                         "(circle: svd, x: rank-reduced, diamond: finetuned)",
+                         xaxis_title="parameters", yaxis_title=_metric_label(value),
+                         legend_title_text="compression", template=TEMPLATE)
+    return figure
+
+
 def spectrum(table: pd.DataFrame, energy: float | None = 0.9) -> go.Figure:
     """Two panels, one line per layer: its update's singular values (left) and their cumulative energy (right).
 

@@ -156,7 +156,20 @@ def _sections(runs: pd.DataFrame, metrics: pd.DataFrame, summary: pd.DataFrame, 
         ("Training loss", "A moving mean over the last 20 steps.", plots.training_loss(metrics)),
         ("Runs", "Every run in the directory, best first; the best run by validation is highlighted.",
          _runs_table(runs, monitor)),
-    ]
+    ] + _compression_section(runs, monitor)
+
+
+def _compression_section(runs: pd.DataFrame, monitor: str) -> list[tuple[str, str, go.Figure | str]]:
+    """The compression figure, where the runs include the stages of ``wb.compress_task``; else nothing."""
+    from . import plots
+
+    if "compression_stage" not in runs or runs["compression_stage"].isna().all():
+        return []
+    value = "test_" + monitor.removeprefix("val_")
+    value = value if value in runs else "test_loss"
+    return [("Compression", "The test metric of each stage of a compressed model against its parameter count: "
+             "svd (the original, factorised at full rank), rank-reduced (truncated) and finetuned (recovered).",
+             plots.compression_stages(runs, value))]
 
 
 def _page(title: str, lead: str, sections: list[tuple[str, str, go.Figure | str]]) -> str:

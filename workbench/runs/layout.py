@@ -100,6 +100,15 @@ REQUIRED_SETTINGS = ("task", "variant", "rank", "alpha", "targets", "options", "
                      "mode")
 
 
+def compression_label(compression: dict[str, Any] | None) -> str:
+    """How a compressed run's base was compressed, as ``"energy=0.9"`` (the rank, energy or budget asked);
+    "" for a run that is not compressed."""
+    if not compression:
+        return ""
+    asked = [f"{key}={compression[key]:g}" for key in ("rank", "energy", "params") if compression.get(key) is not None]
+    return ", ".join(asked) or f"ranks of {len(compression['ranks'])} layers"
+
+
 def config_path(run: str | os.PathLike[str]) -> Path:
     """The run's record, ``<run>/config.json``."""
     return Path(run) / CONFIG_FILE

@@ -15,7 +15,7 @@ import pandas as pd
 from .. import metrics_log, stats
 from ..checkpoints import CheckpointManager
 from ..selection import best_index, resolve_mode
-from .layout import checkpoints_path, metrics_path, read_record, records, run_directories
+from .layout import checkpoints_path, compression_label, metrics_path, read_record, records, run_directories
 
 
 def checkpoint_table(run: Path) -> pd.DataFrame:
@@ -30,7 +30,10 @@ def load_runs(directory: str | os.PathLike[str]) -> pd.DataFrame:
     """One row per run under ``directory`` (or for the run ``directory`` is).
 
     Columns: run, task, variant, rank (None for the baselines "full" and "head"), options (the
-    variant's options that differ from their defaults, e.g. "init=pissa"; "" for none), alpha, lr,
+    variant's options that differ from their defaults, e.g. "init=pissa"; "" for none; a compressed
+    run's with "compressed energy=0.9 (svd)", so each stage is a configuration of its own),
+    compression (``"energy=0.9"``; "" for none), compression_stage (svd, rank-reduced, finetuned;
+    None), alpha, lr,
     seed, trainable, parameters (the whole model's; a compressed model's are fewer), saved_bytes,
     peak_rss (bytes; the process's peak resident memory while the run trained, where measurable),
     steps, steps_done, monitor, best_value, best_step, best_checkpoint (by validation, among
@@ -49,9 +52,13 @@ def load_runs(directory: str | os.PathLike[str]) -> pd.DataFrame:
         index = best_index(table[monitor], mode) if monitor in table else None
         best = None if index is None else table.loc[index]
         test = record.get("test", {})
+        compressed = compression_label(settings.get("compression"))
+        stage = (settings.get("compression") or {}).get("stage") if compressed else None
         rows.append({
             "run": run.name, "task": settings["task"], "variant": settings["variant"], "rank": settings["rank"],
-            "options": stats.options_label(settings["variant"], settings["options"]), "alpha": settings["alpha"],
+            "options": ", ".join(filter(None, [stats.options_label(settings["variant"], settings["options"]),
+                                               compressed and f"compressed {compressed} ({stage})"])),
+            "compression": compressed, "compression_stage": stage, "alpha": settings["alpha"],
             "lr": settings["lr"], "seed": settings["seed"],
             "trainable": record.get("trainable"), "parameters": record.get("parameters"),
             "saved_bytes": record.get("saved_bytes"),

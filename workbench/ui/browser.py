@@ -58,12 +58,15 @@ class CheckpointBrowser(Panel):
         run_best: each run's best checkpoint, by run name.
         model: the model ``load()`` (or ``merge()``) loaded, else None; ``loaded`` its checkpoint.
         evaluation: the last ``evaluate()``'s metrics.
+        stages: ``wb.compression_stages``' table when the directory holds a compressed model's stage
+            runs (``wb.compress_task``: svd, rank-reduced, finetuned), shown side by side above the
+            checkpoints (parameters, checkpoint size, metrics); else an empty table.
         reduced, reduction: the checkpoint the last ``reduce()`` wrote and its per-layer table
             (layer, old_rank, new_rank, kept_energy, relative_error), else None.
         shown_spectrum, effective_ranks: the last ``spectrum()``'s table (``wb.spectrum``) and
             each layer's effective rank at the energy box's value (``wb.effective_rank``), else None.
         figure: the ``go.FigureWidget`` the spectrum is drawn in; None until the first ``spectrum()``.
-        selector, table, status, details, load_button, evaluate_button, merge_button, export_to,
+        selector, table, stages_table, status, details, load_button, evaluate_button, merge_button, export_to,
         export_button, delete_button, refresh_button, reduce_mode, reduce_rank, reduce_energy,
         reduce_button, spectrum_button, widget: the widgets (``widget`` holds them all; ``details``
         shows the last reduction's or spectrum's table).
@@ -86,6 +89,7 @@ class CheckpointBrowser(Panel):
             raise ValueError(f"{self.path} is no run and holds no run: neither it nor its subdirectories have a "
                              "config.json (a run directory written by wb.Run, wb.train or wb.sweep)")
         self.checkpoints = pd.DataFrame(columns=[*_BASE_COLUMNS, "best"])
+        self.stages = pd.DataFrame()
         self.best: Path | None = None
         self.run_best: dict[str, Path] = {}
         self.model: nn.Module | None = None
@@ -105,6 +109,7 @@ class CheckpointBrowser(Panel):
         self.table = widgets.HTML()
         self.status = widgets.HTML()
         self.summary = widgets.HTML()
+        self.stages_table = widgets.HTML()
         button = {"layout": widgets.Layout(width="auto")}
         self.load_button = widgets.Button(description="Load", icon="upload", tooltip="load into the model", **button)
         self.evaluate_button = widgets.Button(description="Evaluate", icon="check",
@@ -141,7 +146,7 @@ class CheckpointBrowser(Panel):
         self.selector.observe(catching(self.status, self._selection_changed), names="value")
 
         self.widget = widgets.VBox([
-            self.summary, self.table,
+            self.summary, self.stages_table, self.table,
             widgets.HBox([self.selector, self.refresh_button]),
             widgets.HBox([self.load_button, self.evaluate_button, self.merge_button, self.delete_button]),
             widgets.HBox([self.export_to, self.export_button]),
@@ -156,6 +161,8 @@ class CheckpointBrowser(Panel):
     def refresh(self) -> None:
         """Read the checkpoints again (runs still being written show what they have) and redraw."""
         runs = wb.load_runs(self.path)
+        staged = "compression_stage" in runs and runs["compression_stage"].notna().any()
+        self.stages = wb.compression_stages(self.path) if staged else pd.DataFrame()
         self._run_paths = {run: Path(path) for run, path in zip(runs["run"], runs["path"], strict=True)}
         criteria = {run: selection_metric(wb.run_settings(path)) for run, path in self._run_paths.items()}
         self.run_best = {}
@@ -207,6 +214,9 @@ class CheckpointBrowser(Panel):
             return styles + (";" + SELECTED_STYLE if row["path"] == selected else "")
 
         self.table.value = html_table(self.checkpoints, columns, style, key="path")
+        shown = [c for c in self.stages.columns if c not in ("run", "path")]
+        self.stages_table.value = ("<b>compression stages</b>" + html_table(self.stages, shown)
+                                   if len(self.stages) else "")
         self.summary.value = (f"<b>{html.escape(str(self.path))}</b>: {len(self.checkpoints)} checkpoint(s); "
                               f"highlighted: {html.escape(self._criterion)} (validation only)")
 
