@@ -28,7 +28,7 @@ from torch import nn
 from .adapt import refuse_adapted
 from .adapters import is_conv1d
 from .checks import is_integer
-from .svd import check_energy
+from .svd import check_energy, cumulative_energy, smallest_rank
 from .targets import Targets, find_targets
 
 COMPRESSION_COLUMNS = ("layer", "shape", "rank", "factored", "energy", "params_before", "params_after", "error")
@@ -116,9 +116,9 @@ class _Plan:
         return self.factored_params(rank) < self.dense_params
 
     def energy(self, rank: int) -> float:
-        squares = self.s.double() ** 2
-        total = float(squares.sum())
-        return float(squares[:rank].sum()) / total if total > 0 else 1.0
+        """sum_{i<=k} s_i^2 / sum_i s_i^2 (1 for a zero matrix: nothing is lost)."""
+        cumulative = cumulative_energy(self.s)
+        return 1.0 if np.isnan(cumulative[rank - 1]) else float(cumulative[rank - 1])
 
 
 def _weight(module: nn.Module) -> torch.Tensor:
@@ -157,29 +157,19 @@ def _choose_by_budget(plans: list[_Plan], budget: int, fixed: int) -> None:
     if budget < minimum:
         raise ValueError(f"a budget of {budget:,} parameters is too small: the model's other parameters and rank 1 "
                          f"in every compressed layer take {minimum:,}")
-    ranks = {id(plan): 1 for plan in plans}
-    dense: set[int] = set()
+    for plan in plans:
+        plan.rank = 1
     used = minimum
     order = sorted(((float(value), index, plan) for plan in plans for index, value in enumerate(plan.s.tolist())
                     if index > 0), key=lambda item: -item[0])
     for _, index, plan in order:
-        key = id(plan)
-        if key in dense or index != ranks[key]:
+        if plan.rank is None or index != plan.rank:  # made dense, or an earlier value of it did not fit
             continue
-        rank = ranks[key] + 1
-        if plan.saves(rank):
-            cost = plan.rank_cost
-        else:  # the factors would no longer save: the dense layer, at its own cost
-            cost = plan.dense_params - plan.factored_params(ranks[key])
-        if used + cost > budget:
-            continue
-        used += cost
-        if plan.saves(rank):
-            ranks[key] = rank
-        else:
-            dense.add(key)
-    for plan in plans:
-        plan.rank = None if id(plan) in dense else ranks[id(plan)]
+        grows = plan.saves(plan.rank + 1)
+        cost = plan.rank_cost if grows else plan.dense_params - plan.factored_params(plan.rank)
+        if used + cost <= budget:
+            used += cost
+            plan.rank = plan.rank + 1 if grows else None  # None: dense, all its values kept
 
 
 def compress(
@@ -244,9 +234,7 @@ def compress(
         elif rank is not None:
             plan.rank = min(rank, full) if plan.saves(min(rank, full)) else None
         elif energy is not None:
-            cumulative = np.cumsum(plan.s.double().numpy() ** 2)
-            reached = np.flatnonzero(cumulative >= energy * cumulative[-1]) if cumulative[-1] > 0 else [0]
-            chosen = int(reached[0]) + 1
+            chosen = max(1, smallest_rank(cumulative_energy(plan.s), energy))  # 1 for a zero matrix
             plan.rank = chosen if plan.saves(chosen) else None
         elif params is None:
             plan.rank = full
@@ -273,7 +261,7 @@ def _replace(model: nn.Module, plan: _Plan) -> dict[str, object]:
     before = sum(p.numel() for p in module.parameters())
     weight = module.up.weight if isinstance(module, LowRankLinear) else module.weight
     if plan.rank is None:
-        kept, energy = len(plan.s), 1.0
+        energy = 1.0
         if isinstance(module, LowRankLinear):  # made dense again: the product, as a linear layer
             dense = nn.Linear(in_, out, bias=bias is not None, device=weight.device, dtype=weight.dtype)
             with torch.no_grad():
@@ -283,7 +271,8 @@ def _replace(model: nn.Module, plan: _Plan) -> dict[str, object]:
             _set(model, plan.name, dense)
         after = sum(p.numel() for p in model.get_submodule(plan.name).parameters())
     else:
-        kept, energy = plan.rank, plan.energy(plan.rank)
+        kept = plan.rank
+        energy = plan.energy(kept)
         root = plan.s[:kept].sqrt()
         up = (plan.u[:, :kept] * root).to(weight.dtype).contiguous()  # (out, k)
         down = (root[:, None] * plan.vh[:kept]).to(weight.dtype).contiguous()  # (k, in)
@@ -293,7 +282,7 @@ def _replace(model: nn.Module, plan: _Plan) -> dict[str, object]:
             param.requires_grad_(weight.requires_grad)
         _set(model, plan.name, layer)
         after = sum(p.numel() for p in layer.parameters())
-    return {"layer": plan.name, "shape": f"{out} x {in_}", "rank": None if plan.rank is None else kept,
+    return {"layer": plan.name, "shape": f"{out} x {in_}", "rank": plan.rank,
             "factored": plan.rank is not None, "energy": energy, "params_before": before, "params_after": after,
             "error": float(np.sqrt(max(0.0, 1.0 - energy)))}
 

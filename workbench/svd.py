@@ -34,7 +34,7 @@ from .checks import is_integer, is_number
 SPECTRUM_COLUMNS = ("layer", "index", "value", "energy")
 
 
-def _cumulative_energy(values: torch.Tensor) -> np.ndarray:
+def cumulative_energy(values: torch.Tensor) -> np.ndarray:
     """sum_{j<=i} s_j^2 / sum_j s_j^2 for each i, in float64; all NaN when every s_j is 0."""
     squares = np.cumsum(values.detach().double().cpu().numpy() ** 2)
     if not len(squares) or squares[-1] == 0:
@@ -75,7 +75,7 @@ def spectrum(model: nn.Module) -> pd.DataFrame:
     rows = []
     for name, layer in adapter_layers(model):
         values = _top_singular_values(layer)
-        for index, (value, energy) in enumerate(zip(values.tolist(), _cumulative_energy(values), strict=True)):
+        for index, (value, energy) in enumerate(zip(values.tolist(), cumulative_energy(values), strict=True)):
             rows.append({"layer": name, "index": index + 1, "value": value, "energy": float(energy)})
     return pd.DataFrame(rows, columns=list(SPECTRUM_COLUMNS))
 
@@ -86,7 +86,7 @@ def check_energy(energy: object) -> float:
     return float(energy)
 
 
-def _smallest_rank(cumulative: np.ndarray, energy: float) -> int:
+def smallest_rank(cumulative: np.ndarray, energy: float) -> int:
     """The smallest r' with cumulative[r' - 1] >= energy; 0 when the update is zero (all NaN)."""
     reached = np.flatnonzero(cumulative >= energy)
     return int(reached[0]) + 1 if len(reached) else 0
@@ -116,7 +116,7 @@ def effective_rank(spectrum_or_model: pd.DataFrame | nn.Module, energy: float = 
     if missing:
         raise ValueError(f"the table lacks {', '.join(missing)}; pass wb.spectrum(model)'s table")
     ranks = {
-        layer: _smallest_rank(rows.sort_values("index")["energy"].to_numpy(dtype=float), energy)
+        layer: smallest_rank(rows.sort_values("index")["energy"].to_numpy(dtype=float), energy)
         for layer, rows in table.groupby("layer", sort=False)
     }
     return pd.Series(ranks, name="effective_rank", dtype=int).rename_axis("layer")
@@ -164,14 +164,14 @@ def _truncate(layer: LoRALinear, rank: int | None, energy: float | None) -> tupl
     ``spectrum`` reports it); the factors are ``svd_factors`` of s B A at the layer's scale s.
     """
     values = _top_singular_values(layer)
-    cumulative = _cumulative_energy(values)
+    cumulative = cumulative_energy(values)
     if np.isnan(cumulative).all():  # delta W = 0: any factors with B' A' = 0 are optimal
         new_rank = rank if rank is not None else 1
         a, b = layer.lora_A.detach()[:new_rank], layer.lora_B.detach()[:, :new_rank]
         if torch.count_nonzero(b @ a):
             a, b = torch.zeros_like(a), torch.zeros_like(b)
         return a.clone(), b.clone(), 1.0  # keeping B = 0 and A's draw lets training go on
-    new_rank = rank if rank is not None else _smallest_rank(cumulative, energy)
+    new_rank = rank if rank is not None else smallest_rank(cumulative, energy)
     a, b = svd_factors(layer.delta_weight().detach(), new_rank, layer.scaling, layer.lora_A.dtype)
     return a, b, float(cumulative[new_rank - 1])
 
