@@ -215,9 +215,10 @@ def test_the_stage_checkpoints_survive_pruning_and_rebuild_with_their_metrics(st
 
 def test_recovery_with_an_adapter_on_the_factors(tmp_path):
     table = wb.compress_task("digits", tmp_path / "c", rank=4, recover="lora", recover_rank=2, steps=50, lr=1e-2,
-                             **FAST)
+                             alpha=4, dropout=0.1, **FAST)  # the adapter's settings reach its run, not the stages
     runs = wb.load_runs(tmp_path / "c").set_index("run")
-    assert runs.loc[stages.FINETUNED, "variant"] == "lora"
+    assert runs.loc[stages.FINETUNED, "variant"] == "lora" and runs.loc[stages.FINETUNED, "alpha"] == 4
+    assert wb.run_settings(tmp_path / "c" / stages.FINETUNED)["options"]["dropout"] == 0.1
     model, _ = wb.load_run_model(wb.best_checkpoint(tmp_path / "c" / stages.FINETUNED))
     adapted = [name for name, _ in wb.adapter_layers(model)]
     assert adapted and all(name.endswith((".up", ".down")) for name in adapted)

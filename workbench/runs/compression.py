@@ -21,6 +21,7 @@ merged, the update stays inside the factors, so the size stays too).
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,10 @@ from .tables import load_runs
 STAGE_RUNS = (stages.SVD, stages.RANK_REDUCED, stages.FINETUNED)  # the run directories of compress_task, in order
 FACTORS = "factors"  # recover by training the compressed factors (the default)
 FACTOR_TARGETS = ["up", "down"]  # an adapter's default targets on a compressed model: every layer's two factors
+# what the stages that do not train share with the recovery run: its trainer and checkpoint settings, not its
+# adapter's (alpha, targets, train, a variant's options), which the stages' "head" recipe does not take
+STAGE_SETTINGS = {name for name, parameter in inspect.signature(Run).parameters.items()
+                  if parameter.kind is parameter.KEYWORD_ONLY} - {"alpha", "targets", "train", "resume", "compression"}
 
 
 def compress_task(
@@ -103,7 +108,8 @@ def compress_task(
     try:
         for stage, stage_ranks, table in ((stages.SVD, svd_ranks, full), (stages.RANK_REDUCED, ranks, reduced)):
             _write_stage(task, out / stage, stage, {"ranks": stage_ranks, **asked, "stage": stage}, table,
-                         lr=lr, steps=steps, seed=seed, **settings)
+                         lr=lr, steps=steps, seed=seed,
+                         **{key: value for key, value in settings.items() if key in STAGE_SETTINGS})
     except BaseException:
         recovery.checkpoints.close()
         recovery.discard()

@@ -57,7 +57,7 @@ class Run:
             monitor's name when not given (``"max"`` for ``val_acc``).
         compression: a compressed base, ``{"ranks": {layer: k}}`` (``wb.compress_task`` writes it; more keys
             may say how the ranks were chosen): the task's base is factorised at those ranks
-            (``wb.compress.factorize``) before adapters go on, e.g. ``targets=["up", "down"]``
+            (``workbench.compress.factorize``) before adapters go on, e.g. ``targets=["up", "down"]``
             (the factors), or ``"head"`` with the factors in ``train=``.
         process_group, device: data-parallel training (see ``wb.Trainer``): every process of the
             group makes the same ``Run`` and calls ``fit``; only rank 0 writes the directory.
