@@ -184,7 +184,9 @@ def test_three_stage_runs_the_svd_stage_is_the_original_and_recovery_improves(st
     frozen = wb.frozen_metrics("digits", 0)
     # the factorised model against the dense one: float32 rounding of the product
     assert rows.loc[stages.SVD, "test_loss"] == pytest.approx(frozen["test_loss"], rel=1e-5)
-    assert rows.loc[stages.SVD, "test_acc"] == frozen["test_acc"]  # no prediction flips over float32 rounding
+    # the same predictions but where float32 rounding of the product flips one near a tie
+    tested = len(wb.tasks.get_task("digits").datasets(0)["test"])
+    assert rows.loc[stages.SVD, "test_acc"] == pytest.approx(frozen["test_acc"], abs=1.5 / tested)
     assert rows.loc[stages.RANK_REDUCED, "parameters"] < rows.loc[stages.SVD, "parameters"]
     assert rows.loc[stages.FINETUNED, "parameters"] == rows.loc[stages.RANK_REDUCED, "parameters"]
     assert rows.loc[stages.FINETUNED, "val_loss"] < rows.loc[stages.RANK_REDUCED, "val_loss"]

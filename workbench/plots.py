@@ -27,6 +27,7 @@ from plotly.subplots import make_subplots
 
 from .adapters import variant_names
 from .baselines import BASELINES  # variant names of the baselines (no adapter, no rank): coloured after the variants
+from .checkpoints import stages
 from .checks import is_integer
 from .selection import best_index, direction, metric_mode
 from .stats import interval, pareto_front
@@ -310,15 +311,15 @@ def parameters_vs_metric(runs: pd.DataFrame, value: str = "best_value") -> go.Fi
     return figure
 
 
-STAGE_SYMBOLS = {"svd": "circle", "rank-reduced": "x", "finetuned": "diamond"}  # compress_task's stages, in order
+STAGE_SYMBOLS = dict(zip(stages.COMPRESSION_STAGES, ("circle", "x", "diamond"), strict=True))  # in their order
 
 
 def compression_stages(runs: pd.DataFrame, value: str = "test_loss") -> go.Figure:
     """Each compressed run's ``value`` against the model's parameter count, stages joined per compression.
 
     Args:
-        runs: ``load_runs``' table (or ``wb.compression_stages``'); needs compression,
-            compression_stage, parameters and ``value``; runs that are not compressed are left out.
+        runs: ``load_runs``' table; needs compression, compression_stage, parameters and ``value``;
+            runs that are not compressed are left out.
         value: a column of numbers: test_loss, test_acc, test_ppl, ...
 
     One line per compression (``"energy=0.9"``) through its stages, svd (the original at full
@@ -331,7 +332,7 @@ def compression_stages(runs: pd.DataFrame, value: str = "test_loss") -> go.Figur
     staged = runs[runs["compression_stage"].isin(list(STAGE_SYMBOLS))]
     figure = go.Figure()
     for index, (label, rows) in enumerate(staged.groupby("compression", sort=True)):
-        rows = rows.assign(order=rows["compression_stage"].map(list(STAGE_SYMBOLS).index)).sort_values("order")
+        rows = rows.assign(order=rows["compression_stage"].map(stages.COMPRESSION_STAGES.index)).sort_values("order")
         figure.add_trace(go.Scatter(
             x=rows["parameters"], y=rows[value], mode="lines+markers", name=label,
             line={"color": run_color(index)}, text=rows["compression_stage"],

@@ -49,12 +49,15 @@ class DoRALinear(LoRALinear):
         # n at B = 0, computed as every forward computes it, so that g = m / n is exactly 1 at the start
         self.lora_magnitude_vector = nn.Parameter(self.direction_norm())
 
+    def _updated_weight(self) -> torch.Tensor:
+        """V = W + s B A, (out, in), in W's dtype."""
+        weight = self.base_weight()
+        return torch.addmm(weight, self.lora_B.to(weight.dtype), self.lora_A.to(weight.dtype), alpha=self.scaling)
+
     @torch.no_grad()
     def direction_norm(self) -> torch.Tensor:
         """n = ||W + s B A||_c, (out,): the row norms of the updated weight, without a gradient."""
-        weight = self.base_weight()
-        updated = torch.addmm(weight, self.lora_B.to(weight.dtype), self.lora_A.to(weight.dtype), alpha=self.scaling)
-        return torch.linalg.vector_norm(updated, dim=1)
+        return torch.linalg.vector_norm(self._updated_weight(), dim=1)
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in) -> (..., out): (g - 1) * (W d(x)) + g * s B A d(x), what DoRA adds to base(x)."""
@@ -83,9 +86,9 @@ class DoRALinear(LoRALinear):
 
     def delta_weight(self) -> torch.Tensor:
         """W' - W = diag(m / n) (W + s B A) - W, (out, in): not of rank r, as m rescales W's rows."""
-        weight = self.base_weight()
-        updated = torch.addmm(weight, self.lora_B.to(weight.dtype), self.lora_A.to(weight.dtype), alpha=self.scaling)
-        return (self.lora_magnitude_vector / self.direction_norm())[:, None] * updated - weight
+        updated = self._updated_weight()
+        norm = torch.linalg.vector_norm(updated.detach(), dim=1)  # n, a constant as in the forward
+        return (self.lora_magnitude_vector / norm)[:, None] * updated - self.base_weight()
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {**super().adapter_params(), "lora_magnitude_vector": self.lora_magnitude_vector}

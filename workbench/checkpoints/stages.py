@@ -11,3 +11,4 @@ FINETUNED = "finetuned"  # the last checkpoint of a finished fit
 RANK_REDUCED = "rank-reduced"  # adapters wb.reduce_checkpoint truncated, or a model wb.compress truncated
 
 STAGES: tuple[str, ...] = (SVD, SVD_INIT, FINETUNED, RANK_REDUCED)
+COMPRESSION_STAGES: tuple[str, ...] = (SVD, RANK_REDUCED, FINETUNED)  # wb.compress_task's stage runs, in order

@@ -35,11 +35,11 @@ from ..compress import compress, compressed_ranks
 from ..targets import Targets, find_targets
 from ..tasks import Task, get_task
 from ..trainer import evaluate_task, held_out_metrics
-from .layout import is_run, records, write_record
+from .layout import is_run, read_record, write_record
 from .run import Run
 from .tables import load_runs
 
-STAGE_RUNS = (stages.SVD, stages.RANK_REDUCED, stages.FINETUNED)  # the run directories of compress_task, in order
+STAGE_RUNS = stages.COMPRESSION_STAGES  # the run directories of compress_task, named for their stages, in order
 FACTORS = "factors"  # recover by training the compressed factors (the default)
 FACTOR_TARGETS = ["up", "down"]  # an adapter's default targets on a compressed model: every layer's two factors
 # what the stages that do not train share with the recovery run: its trainer and checkpoint settings, not its
@@ -158,26 +158,31 @@ def _write_stage(task: Task, out: Path, stage: str, compression: dict[str, Any],
     })
 
 
-def compression_stages(out: str | os.PathLike[str]) -> pd.DataFrame:
-    """The stages of a ``compress_task`` directory, in order (those written so far): one row each.
+def compression_stages(runs: pd.DataFrame | str | os.PathLike[str]) -> pd.DataFrame:
+    """The stage runs of a compressed model, in stage order: one row each (none if there are none).
+
+    Args:
+        runs: a directory written by ``compress_task`` (or one of its stage runs), or ``load_runs``' table
+            of it; its runs whose ``compression_stage`` is svd, rank-reduced or finetuned are listed.
 
     Columns: stage, run, status, parameters (the whole model's), compressed_layers, mean_rank (over
-    the compressed layers), checkpoint_bytes (the stage's best checkpoint on disk), the validation
-    metrics of that checkpoint and its test metrics, path.
+    the compressed layers), checkpoint_bytes (the stage's best checkpoint on disk; the finetuned
+    one holds the optimizer state too), the validation metrics of that checkpoint and its test
+    metrics, path.
     """
-    runs = load_runs(out).set_index("run")
-    recorded = {path.name: record for path, record in records(out)}
+    runs = runs if isinstance(runs, pd.DataFrame) else load_runs(runs)
+    if "compression_stage" not in runs:
+        return pd.DataFrame()
+    staged = runs[runs["compression_stage"].isin(STAGE_RUNS)]
     rows = []
-    for stage in STAGE_RUNS:
-        if stage not in runs.index:
-            continue
-        row, record = runs.loc[stage], recorded[stage]
-        ranks = list((record["settings"].get("compression") or {}).get("ranks", {}).values())
+    for _, row in staged.sort_values("compression_stage", key=lambda s: s.map(STAGE_RUNS.index)).iterrows():
+        ranks = list(read_record(Path(row["path"]))["settings"]["compression"]["ranks"].values())
         checkpoint = row["best_checkpoint"]
         size = sum(f.stat().st_size for f in Path(checkpoint).iterdir()) if isinstance(checkpoint, str) else None
         metrics = {key: row[key] for key in row.index if key.startswith(("val_", "test_", "forget_"))
                    and pd.notna(row[key])}
-        rows.append({"stage": stage, "run": stage, "status": row["status"], "parameters": record.get("parameters"),
-                     "compressed_layers": len(ranks), "mean_rank": sum(ranks) / len(ranks) if ranks else None,
-                     "checkpoint_bytes": size, **metrics, "path": row["path"]})
+        rows.append({"stage": row["compression_stage"], "run": row["run"], "status": row["status"],
+                     "parameters": row["parameters"], "compressed_layers": len(ranks),
+                     "mean_rank": sum(ranks) / len(ranks) if ranks else None, "checkpoint_bytes": size, **metrics,
+                     "path": row["path"]})
     return pd.DataFrame(rows)

@@ -161,8 +161,7 @@ class CheckpointBrowser(Panel):
     def refresh(self) -> None:
         """Read the checkpoints again (runs still being written show what they have) and redraw."""
         runs = wb.load_runs(self.path)
-        staged = "compression_stage" in runs and runs["compression_stage"].notna().any()
-        self.stages = wb.compression_stages(self.path) if staged else pd.DataFrame()
+        self.stages = wb.compression_stages(runs)
         self._run_paths = {run: Path(path) for run, path in zip(runs["run"], runs["path"], strict=True)}
         criteria = {run: selection_metric(wb.run_settings(path)) for run, path in self._run_paths.items()}
         self.run_best = {}
