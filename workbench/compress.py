@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .adapt import refuse_adapted
-from .adapters import is_conv1d
+from .adapters import linear_weight
 from .checks import is_integer
 from .svd import check_energy, cumulative_energy, smallest_rank
 from .targets import Targets, find_targets
@@ -123,9 +123,7 @@ class _Plan:
 
 def _weight(module: nn.Module) -> torch.Tensor:
     """W (out, in) of a supported layer or of a compressed one."""
-    if isinstance(module, LowRankLinear):
-        return module.weight_product()
-    return module.weight.T if is_conv1d(module) else module.weight
+    return module.weight_product() if isinstance(module, LowRankLinear) else linear_weight(module)
 
 
 def _layers(model: nn.Module, targets: Targets) -> dict[str, nn.Module]:

@@ -3,7 +3,7 @@
 # Importing a variant's file registers it; this order is the order of VARIANTS.
 from . import lora, lora_fa, vera, delta_lora, lora_plus, dora  # noqa: F401, I001
 from .dora import DoRALinear
-from .layer import AdapterLayer, adapter_layers, is_conv1d, is_supported, linear_shape
+from .layer import AdapterLayer, adapter_layers, is_conv1d, is_supported, linear_shape, linear_weight
 from .lora import LoRALinear, alpha_for_rank, lora_scaling, svd_factors
 from .lora_fa import LoRAFALinear
 from .variant import (
@@ -43,6 +43,7 @@ __all__ = [
     "is_conv1d",
     "is_supported",
     "linear_shape",
+    "linear_weight",
     "lora_scaling",
     "register",
     "svd_factors",

@@ -34,6 +34,11 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """W of a supported base layer as an (out, in) view (Conv1D stores it (in, out)); writing to it writes the layer."""
+    return module.weight.T if is_conv1d(module) else module.weight
+
+
 class AdapterLayer(nn.Module, ABC):
     """A frozen base layer plus a trainable low-rank update.
 
@@ -77,8 +82,7 @@ class AdapterLayer(nn.Module, ABC):
 
     def base_weight(self) -> torch.Tensor:
         """W as an (out, in) view of the base weight; writing to it writes the base layer."""
-        weight = self.base_layer.weight
-        return weight.T if is_conv1d(self.base_layer) else weight
+        return linear_weight(self.base_layer)
 
     @abstractmethod
     def update(self, x: torch.Tensor) -> torch.Tensor:
