@@ -14,6 +14,20 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 
+COSTS = "checkpoint"  # the metrics log's split of each checkpoint's write time and size: the machine's, not training's
+
+
+def training_log(entries: list[dict]) -> list[dict]:
+    """The metrics-log entries training computes (train and val): what an exact resume reproduces. Checkpoint
+    write costs are timings (and sizes of files that hold timestamps), and a resumed run wrote other checkpoints."""
+    return [entry for entry in entries if entry["split"] != COSTS]
+
+
+def training_metrics(metrics):
+    """``wb.load_metrics``' table without the checkpoint write costs (``training_log``)."""
+    return metrics[metrics["split"] != COSTS].reset_index(drop=True)
+
+
 def mlp(seed: int = 0) -> nn.Sequential:
     """A plain torch model: 12 -> 24 -> 16 -> 6, with Linear layers named 0, 2, 4."""
     torch.manual_seed(seed)

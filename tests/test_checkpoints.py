@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import mlp, snapshot
+from conftest import mlp, snapshot, training_log
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -309,7 +309,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, async_save, fixed_threads):
 def _logged(run: Path) -> list[tuple]:
     """The metrics log without its wall-clock times: (step, split, metric, value), values to the last bit."""
     lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [(e["step"], e["split"], e["metric"], e["value"]) for e in map(json.loads, lines)]
+    return [(e["step"], e["split"], e["metric"], e["value"]) for e in training_log(list(map(json.loads, lines)))]
 
 
 def test_a_run_with_a_schedule_resumes_bit_exactly_after_sigkill(tmp_path, fixed_threads):

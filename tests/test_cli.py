@@ -13,6 +13,7 @@ import time
 
 import pytest
 import torch
+from conftest import training_log
 from safetensors.torch import load_file
 
 import workbench as wb
@@ -32,7 +33,7 @@ def _cli(*args: str, cache: str) -> subprocess.Popen:
 
 def _entries(run) -> list[tuple]:
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(e["step"], e["split"], e["metric"], e["value"]) for e in lines]
+    return [(e["step"], e["split"], e["metric"], e["value"]) for e in training_log(lines)]
 
 
 def test_train_resumes_exactly_after_sigkill(tmp_path, cache, fixed_threads):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import training_log
 from safetensors.torch import load_file
 from torch.utils.data import TensorDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -48,7 +49,7 @@ def _finish(job: subprocess.Popen, log: Path) -> None:
 
 def _entries(run: Path) -> dict[tuple, float]:
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {(e["step"], e["split"], e["metric"]): e["value"] for e in lines}
+    return {(e["step"], e["split"], e["metric"]): e["value"] for e in training_log(lines)}
 
 
 # -- the sampler --------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import training_log, training_metrics
 from safetensors.torch import load_file
 
 import workbench as wb
@@ -81,7 +83,7 @@ def _same_table(table, reference) -> None:
 
 
 def _same_metrics(run_dir, reference_dir) -> None:
-    ours, theirs = wb.load_metrics(run_dir), wb.load_metrics(reference_dir)
+    ours, theirs = training_metrics(wb.load_metrics(run_dir)), training_metrics(wb.load_metrics(reference_dir))
     keys = ["run", "step", "split", "metric"]
     assert ours[keys].equals(theirs[keys])
     assert ours["value"].tolist() == pytest.approx(theirs["value"].tolist(), rel=RTOL, abs=ATOL)
@@ -136,7 +138,8 @@ def _seen(file: Path) -> list[tuple[str, int, int, int]]:
 
 
 def _log(run: Path) -> list[tuple]:
-    return [(e["step"], e["split"], e["metric"]) for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(e["step"], e["split"], e["metric"]) for e in training_log(lines)]
 
 
 def test_a_ray_sweep_gives_the_in_process_runs_and_skips_finished_trials(cluster, reference, tmp_path):
@@ -200,6 +203,49 @@ def test_the_command_line_runs_trials_on_ray(cluster, reference, tmp_path, capsy
     assert capsys.readouterr().out.count("finished") == 4
     _same_table(wb.load_runs(out), ref_table)
     _same_metrics(out, ref_dir)
+
+
+class KillFirst(wb.Callback):
+    """Logs [run, pid, step] on every step; kills its own process once, at step 30 of the first run to get
+    there, after writing that run's name and checkpoints to ``<file>.killed`` (created exclusively: one winner)."""
+
+    def __init__(self, file: Path) -> None:
+        self.file = file
+
+    def on_step(self, trainer, loss):
+        run = trainer.metrics_log.parent
+        with open(self.file, "a") as file:
+            file.write(json.dumps([run.name, os.getpid(), trainer.step]) + "\n")
+        if trainer.step == 30:
+            try:
+                marker = os.open(self.file.with_suffix(".killed"), os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            except FileExistsError:
+                return
+            os.write(marker, json.dumps([run.name, sorted(p.name for p in run.glob("checkpoints/step-*"))]).encode())
+            os.close(marker)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_search_on_ray_tune_prunes_and_restarts_a_killed_trial_from_its_checkpoint(cluster, tmp_path):
+    out, seen = tmp_path / "runs", tmp_path / "steps.jsonl"
+    fast = {key: GRID[key] for key in ("eval_every", "save_every", "progress_bar")}
+    table = wb.sweep("digits", ["lora", "vera"], [2, 8], steps=60, out=out, lrs=[1e-3, 1e-2], search="optuna",
+                     trials=6, executor="ray", callbacks=[KillFirst(seen)], **fast)
+    assert set(table["status"]) <= {"finished", "pruned"} and len(table) >= 2
+    for row in table[table["status"] == "pruned"].itertuples():  # stopped by ASHA where it reported: a checkpoint
+        assert row.steps_done < 60 and wb.load_checkpoints(row.path)["step"].max() == row.steps_done
+        message = json.loads((Path(row.path) / "config.json").read_text())["message"]
+        assert "Ray Tune's successive-halving scheduler" in message
+    for row in table[table["status"] == "finished"].itertuples():
+        assert row.steps_done == 60 and not math.isnan(row.test_loss)
+
+    killed, checkpoints = json.loads(seen.with_suffix(".killed").read_text())
+    assert checkpoints == ["step-00000020"]
+    steps = [(pid, step) for run, pid, step in map(json.loads, seen.read_text().splitlines()) if run == killed]
+    first, *restarts = dict.fromkeys(pid for pid, _ in steps)
+    assert [s for p, s in steps if p == first] == list(range(1, 31))  # killed at step 30 ...
+    assert restarts and [s for p, s in steps if p == restarts[0]][0] == 21  # ... Tune restarted it at its checkpoint
+    assert table.set_index("run").loc[killed, "status"] in ("finished", "pruned")
 
 
 @pytest.mark.parametrize(("options", "message"), [

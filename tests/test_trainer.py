@@ -8,6 +8,7 @@ import threading
 
 import pytest
 import torch
+from conftest import training_log
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -73,7 +74,7 @@ def _log(path) -> list[dict]:
 
 def _entries(run) -> list[tuple]:
     """The metrics log without wall-clock times, one entry per (step, split, metric)."""
-    entries = {(e["step"], e["split"], e["metric"]): e["value"] for e in _log(run / "metrics.jsonl")}
+    entries = {(e["step"], e["split"], e["metric"]): e["value"] for e in training_log(_log(run / "metrics.jsonl"))}
     return sorted(entries.items())
 
 

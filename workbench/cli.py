@@ -30,6 +30,7 @@ from .runs import (
     load_metrics,
     load_runs,
     reduce_checkpoint,
+    resume_run,
     spectrum,
     summarize,
     sweep,
@@ -37,6 +38,9 @@ from .runs import (
 )
 from .runs.compression import FACTORS
 from .runs.executors import EXECUTORS, MissingExtraError
+from .runs.search import PRUNERS
+from .runs.sweep import SEARCHES
+from .save_interval import AUTO, parse_duration
 from .tasks import TASKS, Task, causal_lm, get_task, text_classification
 from .trainer import PRECISIONS, SCHEDULES, Callback, Trainer
 
@@ -122,6 +126,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _interval(text: str) -> int | str:
+    """--save-every: an integer >= 1, or auto."""
+    return AUTO if text == AUTO else _positive_int(text)
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text, "--mtbf")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not (math.isfinite(value) and value > 0):
@@ -172,7 +188,10 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                         "its frozen base (default: the task's, if any)")
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd"], help="(default adamw)")
     parser.add_argument("--eval-every", type=_positive_int, default=50, help="validate every K steps (default 50)")
-    parser.add_argument("--save-every", type=_positive_int, default=50, help="checkpoint every K steps (default 50)")
+    parser.add_argument("--save-every", type=_interval, default=50, help="checkpoint every K steps (default 50), or "
+                        "auto: Young/Daly's interval from the measured write time and --mtbf")
+    parser.add_argument("--mtbf", type=_duration, help="with --save-every auto: the expected time between failures, "
+                        "in seconds or as 4h, 30m, 1d")
     parser.add_argument("--keep-last", type=_positive_int, help="keep the newest K checkpoints (default all)")
     parser.add_argument("--keep-best", type=_positive_int, help="keep the K best checkpoints by --monitor")
     parser.add_argument("--monitor", default="val_loss", choices=MONITORS,
@@ -221,7 +240,7 @@ def _task(args: argparse.Namespace) -> str | Task:
 def _run_settings(args: argparse.Namespace) -> dict[str, Any]:
     settings = {
         "alpha": args.alpha, "targets": args.targets, "train": args.train, "optimizer": args.optimizer,
-        "eval_every": args.eval_every, "save_every": args.save_every, "keep_last": args.keep_last,
+        "eval_every": args.eval_every, "save_every": args.save_every, "mtbf": args.mtbf, "keep_last": args.keep_last,
         "keep_best": args.keep_best, "monitor": args.monitor,
         "schedule": args.schedule, "warmup_steps": args.warmup_steps, "max_grad_norm": args.max_grad_norm,
         "accumulate": args.accumulate, "precision": args.precision, "eval_batches": args.eval_batches,
@@ -276,9 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="comma-separated adapter ranks (default 2,8)")
     many.add_argument("--lrs", type=_list_of(_positive_float), default=[3e-3], help="comma-separated (default 0.003)")
     many.add_argument("--seeds", type=_list_of(int), default=[0], help="comma-separated (default 0)")
-    many.add_argument("--search", choices=["grid", "random"], default="grid",
-                      help="every combination (default) or --trials of them drawn at random")
-    many.add_argument("--trials", type=_positive_int, help="how many trials a random search draws")
+    many.add_argument("--search", choices=SEARCHES, default="grid",
+                      help="every combination (default), --trials of them drawn at random, or optuna: --trials "
+                      "sampled by Optuna's TPE, the worse stopped early by --pruner (the study in OUT/optuna.db, "
+                      "continued when run again)")
+    many.add_argument("--trials", type=_positive_int, help="how many trials a random or optuna search runs")
+    many.add_argument("--pruner", choices=[*(p for p in PRUNERS if p), "none"], default="successive-halving",
+                      help="with --search optuna: what stops trials at their validations (default "
+                      "successive-halving), or none")
     many.add_argument("--out", required=True, type=Path, help="the runs directory")
     many.add_argument("--executor", choices=EXECUTORS, default="local",
                       help="where trials run: local, one after another in this process (default), or ray, "
@@ -289,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     many.add_argument("--cpus-per-trial", type=_positive_int, default=1,
                       help="with --executor ray: CPUs each trial reserves, and its torch threads (default 1)")
     _add_run_options(many)
+
+    resuming = commands.add_parser("resume", help="continue a run (pruned, stopped, or finished and given more "
+                                   "--steps) from its newest checkpoint, exactly, as the same run")
+    resuming.add_argument("run", type=Path, help="the run directory")
+    resuming.add_argument("--steps", type=_positive_int, help="train to this step (default: the run's own steps)")
+    resuming.add_argument("--quiet", action="store_true", help="no progress bar")
 
     runs = commands.add_parser("runs", help="print the runs table")
     runs.add_argument("directory", type=Path, help="a run or a runs directory")
@@ -349,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="write a standalone HTML report of the runs")
     report.add_argument("directory", type=Path, help="a runs directory")
     report.add_argument("--to", type=Path, default=Path("report.html"), help="the HTML file (default report.html)")
+    report.add_argument("--grid", type=Path, help="with a search's runs directory: the full grid of the same space, "
+                        "to compare the search's compute and best against")
     return parser
 
 
@@ -443,6 +475,12 @@ def _experiment(args: argparse.Namespace) -> None:
           + ", ".join(f"{part} {seconds:.0f} s" for part, seconds in work.items()))
 
 
+def _pruner(args: argparse.Namespace) -> str | None:
+    """--pruner ("none": None); for a grid or random search the default means none (another is refused by sweep)."""
+    pruner = None if args.pruner == "none" else args.pruner
+    return None if args.search != "optuna" and pruner == "successive-halving" else pruner
+
+
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())  # one line, even for multi-line messages
 
@@ -464,9 +502,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     _print_table(load_runs(args.out))
         elif args.command == "sweep":
             table = sweep(_task(args), args.variants, args.ranks, args.steps, args.out, lrs=args.lrs, seeds=args.seeds,
-                          search=args.search, trials=args.trials, executor=args.executor, address=args.address,
+                          search=args.search, trials=args.trials, pruner=_pruner(args), executor=args.executor,
+                          address=args.address,
                           cpus_per_trial=args.cpus_per_trial, device=args.device, **_run_settings(args))
             _print_table(table)
+        elif args.command == "resume":
+            resume_run(args.run, args.steps, progress_bar=not args.quiet)
+            _print_table(load_runs(args.run))
         elif args.command == "runs":
             _print_table(load_runs(args.directory))
         elif args.command == "summary":
@@ -495,7 +537,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"\neffective rank ({args.energy:g} of the energy):")
             print(ranks.to_string())
         elif args.command == "report":
-            print(write_report(args.directory, args.to))
+            print(write_report(args.directory, args.to, args.grid))
     except (ValueError, TypeError, CheckpointError, MissingExtraError) as error:
         parser.exit(2, f"workbench: error: {_one_line(error)}\n")
     except OSError as error:  # the disk, not the arguments: a full disk, a path that vanished

@@ -25,6 +25,7 @@ import plotly.graph_objects as go
 from plotly.colors import hex_to_rgb, qualitative
 from plotly.subplots import make_subplots
 
+from . import save_interval as intervals
 from .adapters import variant_names
 from .baselines import BASELINES  # variant names of the baselines (no adapter, no rank): coloured after the variants
 from .checkpoints import stages
@@ -344,6 +345,35 @@ def compression_stages(runs: pd.DataFrame, value: str = "test_loss") -> go.Figur
                          "(circle: svd, x: rank-reduced, diamond: finetuned)",
                          xaxis_title="parameters", yaxis_title=_metric_label(value),
                          legend_title_text="compression", template=TEMPLATE)
+    return figure
+
+
+def save_interval(write_seconds: float, mtbf_seconds: float, chosen_seconds: float | None = None) -> go.Figure:
+    """The share of a run's time lost to checkpointing against the interval between checkpoints.
+
+    Writing costs C / tau (``workbench.save_interval.overhead``) and failures lose (tau + C) / (2 MTBF)
+    (``lost_work``); their sum is least at Young's tau* = sqrt(2 C MTBF), marked, beside the interval a
+    run chose (``chosen_seconds``), if given. Intervals on a log axis, from tau* / 100 to tau* x 100.
+    """
+    optimal = intervals.young_daly(write_seconds, mtbf_seconds)
+    tau = optimal * np.logspace(-2, 2, 161)
+    spent = intervals.overhead(tau, write_seconds)
+    lost = intervals.lost_work(tau, write_seconds, mtbf_seconds)
+    figure = go.Figure()
+    for name, y, dash in (("writing checkpoints", spent, "dot"), ("work lost to failures", lost, "dash"),
+                          ("both", spent + lost, "solid")):
+        hover = f"{name}<br>every %{{x:.3g}} s: %{{y:.3g}}% of the time<extra></extra>"
+        figure.add_trace(go.Scatter(x=tau, y=100 * y, mode="lines", name=name, line={"dash": dash},
+                                    hovertemplate=hover))
+    marks = [("Young/Daly optimum", optimal)] + ([("chosen", chosen_seconds)] if chosen_seconds else [])
+    for name, seconds in marks:
+        share = intervals.overhead(seconds, write_seconds) + intervals.lost_work(seconds, write_seconds, mtbf_seconds)
+        figure.add_trace(go.Scatter(x=[seconds], y=[100 * share], mode="markers", name=f"{name}: every {seconds:.3g} s",
+                                    marker={"size": 11, "symbol": "diamond" if name == "chosen" else "circle"}))
+    figure.update_layout(title=f"Checkpoint interval: a write costs {write_seconds:.3g} s (measured), failures come "
+                         f"every {mtbf_seconds / 3600:.3g} h on average (MTBF)",
+                         xaxis={"title": "seconds of training between checkpoints", "type": "log"},
+                         yaxis={"title": "% of the run's time", "rangemode": "tozero"}, template=TEMPLATE)
     return figure
 
 

@@ -21,7 +21,8 @@ import pandas as pd
 
 from .checkpoints.files import write_text
 from .claims import check_claims
-from .runs import load_metrics, load_runs
+from .runs import checkpoint_cost, load_metrics, load_runs
+from .runs.search import read_search, search_compute
 from .selection import best_index, direction, metric_mode
 from .stats import main_monitor, summarize
 
@@ -42,6 +43,7 @@ CLAIM_COLUMNS = {"claim": "claim", "source": "source", "task": "task", "rank": "
                  "ci_low": "95% low", "ci_high": "95% high", "n": "seeds", "threshold": "threshold",
                  "verdict": "verdict"}
 FIGURE_HEIGHT = 460
+DEFAULT_MTBF = 4 * 3600.0  # the MTBF the checkpoint-interval figure assumes when no run set one: spot instances
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; padding: 0 1em; }
@@ -172,6 +174,53 @@ def _compression_section(runs: pd.DataFrame, monitor: str) -> list[tuple[str, st
              plots.compression_stages(runs, value))]
 
 
+def _search_section(directory: str | os.PathLike[str], runs: pd.DataFrame,
+                    grid: str | os.PathLike[str] | None) -> list[tuple[str, str, go.Figure | str]]:
+    """What a search that prunes cost against the full grid of its space (and, given the grid's runs, whether it
+    found the grid's best); nothing for a directory that holds no search."""
+    search = read_search(directory)
+    if search is None:
+        return []
+    compute = search_compute(runs, search, None if grid is None else load_runs(grid))
+    rows = [("trials", compute["trials"], ""), ("configurations trained", compute["runs"], compute["grid_runs"]),
+            ("pruned", compute["pruned"], 0), ("optimizer steps", compute["steps"], compute["grid_steps"]),
+            ("wall time (s, summed over runs)", compute["wall_time"], compute.get("grid_wall_time", "")),
+            (f"best run (by best {search['monitor']})", compute["best_run"], compute.get("grid_best_run", "")),
+            (f"its best {search['monitor']}", compute["best_value"], compute.get("grid_best_value", ""))]
+    table = pd.DataFrame(rows, columns=["", "this search", "the full grid"])
+    found = "" if grid is None else (" It found the grid's best configuration." if compute["same_best"] else
+                                     " It did not find the grid's best configuration.")
+    note = (f"An {search['search']} search ({search['executor']}) of {compute['grid_runs']} configurations, "
+            f"{search['trials']} trials, pruner {search['pruner']}: it trained "
+            f"{compute['steps'] / compute['grid_steps']:.0%} of the full grid's optimizer steps.{found}"
+            + ("" if grid is not None else " The grid's wall time and best are shown when its runs are given "
+                                           "(write_report(..., grid=DIR), workbench report --grid DIR)."))
+    return [("Search", note, table_html(table))]
+
+
+def _save_interval_section(directory: str | os.PathLike[str], runs: pd.DataFrame
+                           ) -> list[tuple[str, str, go.Figure | str]]:
+    """The checkpoint interval's trade-off for the runs' measured write cost; nothing if no write was timed."""
+    from . import plots
+
+    costs = checkpoint_cost(directory)
+    timed = costs[costs["checkpoints"] > 0]
+    if timed.empty:
+        return []
+    write = float(timed["write_seconds"].median())
+    mtbf = timed["mtbf"].dropna()
+    assumed = mtbf.empty
+    mtbf_seconds = float(mtbf.median()) if not assumed else DEFAULT_MTBF
+    chosen = timed["interval_steps"] * timed["step_seconds"]
+    chosen = float(chosen.dropna().median()) if chosen.notna().any() else None
+    note = (f"Each checkpoint took {write:.3g} s to write (the median over {len(timed)} runs' "
+            f"{int(timed['checkpoints'].sum())} timed writes); writing took {timed['overhead'].median():.2%} of a "
+            f"run's time (median). The expected share of time lost, to writing and to work redone after failures "
+            f"every {mtbf_seconds / 3600:.3g} h" + (" (assumed: no run set mtbf)" if assumed else "")
+            + ", against the interval; save_every='auto' picks the optimum.")
+    return [("How often to save", note, plots.save_interval(write, mtbf_seconds, chosen))]
+
+
 def _page(title: str, lead: str, sections: list[tuple[str, str, go.Figure | str]]) -> str:
     """The HTML page; plotly.js is embedded inline with the first figure only."""
     import plotly.graph_objects as go
@@ -189,14 +238,18 @@ def _page(title: str, lead: str, sections: list[tuple[str, str, go.Figure | str]
             f"{''.join(parts)}</body></html>\n")
 
 
-def write_report(directory: str | os.PathLike[str], to: str | os.PathLike[str] = "report.html") -> Path:
+def write_report(directory: str | os.PathLike[str], to: str | os.PathLike[str] = "report.html",
+                 grid: str | os.PathLike[str] | None = None) -> Path:
     """Write the HTML report of the runs under ``directory`` (or of the run it is) to ``to``; returns its path.
 
     One standalone file (plotly.js inline, no network needed). It opens with the answer (the best
     configuration by mean validation value over its seeds, and its test metric with a 95%
     interval), then the claims with their verdicts, the leaderboard of configurations, the Pareto
     fronts of trainable parameters, peak memory and wall time against the validation metric, the
-    learning-rate sensitivity, the validation curves by variant, the training loss and every run.
+    learning-rate sensitivity, the validation curves by variant, the training loss and every run;
+    then, where they apply, the compression stages, the compute of a search that pruned against the
+    full grid of its space (``grid``: that grid's runs directory, to compare wall time and the best
+    found), and the checkpoint interval's trade-off for the measured write cost.
 
     Raises:
         ValueError: ``directory`` holds no runs, or ``to`` is a directory.
@@ -215,6 +268,7 @@ def write_report(directory: str | os.PathLike[str], to: str | os.PathLike[str] =
             f"{escape(', '.join(sorted(set(runs['task']))))}; {len(summary)} configurations.</p>"
             + _answer(summary, monitor))
     page = _page("Adapter workbench report", lead,
-                 _sections(runs, metrics, summary, claims, monitor))
+                 _sections(runs, metrics, summary, claims, monitor) + _search_section(directory, runs, grid)
+                 + _save_interval_section(directory, runs))
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_text(path, page)

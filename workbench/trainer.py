@@ -27,6 +27,7 @@ from .checks import is_finite_number, is_integer
 from .distributed import Replicas, sum_over_ranks, unwrap
 from .memory import saved_activations
 from .optim import make_optimizer
+from .save_interval import AUTO, SavePlan, check_save_every, plan
 from .tasks import Task, classification_counts, classification_loss
 
 MAX_LOG_PERPLEXITY = 700.0  # exp(700) ~ 1e304: a diverged model's perplexity stays a finite float
@@ -94,7 +95,15 @@ class Trainer:
             for other than classification).
         lr, optimizer, optimizer_options: see ``wb.make_optimizer``; the variant's rule comes with it.
         steps: optimizer steps in all.
-        eval_every, save_every: validate / checkpoint every so many steps (and at the end).
+        eval_every, save_every: validate / checkpoint every so many steps (and at the end). Each
+            checkpoint's write time and size are logged (the "checkpoint" metrics "write_time", in
+            seconds, and "bytes", at its step) once it is on disk.
+            ``save_every="auto"`` with ``mtbf``, the expected time between failures (seconds or
+            ``"4h"``), chooses the interval by Young/Daly's rule (``workbench.save_interval``): the first
+            checkpoint at the first validation measures the write cost C; after each checkpoint the
+            interval becomes sqrt(2 C MTBF) in measured step times, a multiple of ``eval_every``
+            (``trainer.save_plan`` says what it chose and why). One process only: under a process group
+            the ranks would have to agree on the measurement.
         checkpoints: a ``CheckpointManager`` or a directory for one; None keeps no checkpoints.
         metrics_log: a JSON-lines file that every evaluation and training loss is appended to.
         seed: seeds the data order and the global RNG at the start of ``fit``; an integer in [0, 2**63 - 1].
@@ -162,7 +171,7 @@ class Trainer:
         optimizer_options: Mapping[str, Any] | None = None,
         steps: int = 300,
         eval_every: int = 50,
-        save_every: int = 50,
+        save_every: int | str = 50,
         checkpoints: CheckpointManager | str | os.PathLike[str] | None = None,
         metrics_log: str | os.PathLike[str] | None = None,
         seed: int = 0,
@@ -177,9 +186,13 @@ class Trainer:
         accumulate: int = 1,
         precision: str = "float32",
         eval_batches: int | None = None,
+        mtbf: float | str | None = None,
     ) -> None:
-        for name, value in (("steps", steps), ("eval_every", eval_every), ("save_every", save_every),
-                            ("accumulate", accumulate)):
+        self.mtbf = check_save_every(save_every, mtbf)  # seconds, for save_every="auto"; else None
+        if self.mtbf is not None and process_group is not None:
+            raise ValueError("save_every='auto' measures the write cost on rank 0 alone, so the ranks would save at "
+                             "different steps: give save_every an integer under a process group")
+        for name, value in (("steps", steps), ("eval_every", eval_every), ("accumulate", accumulate)):
             if not is_integer(value) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, not {value!r}")
         check_seed(seed)
@@ -213,6 +226,10 @@ class Trainer:
         self.optimizer = make_optimizer(model, lr, optimizer, **dict(optimizer_options or {}))
         self.scheduler = make_scheduler(self.optimizer, schedule, warmup_steps, steps)
         self.steps, self.eval_every, self.save_every, self.seed = steps, eval_every, save_every, seed
+        self.save_interval = eval_every if save_every == AUTO else save_every  # auto: until the first write is timed
+        self.save_plan: SavePlan | None = None  # what save_every="auto" chose, once a checkpoint was timed
+        self._write_seconds: list[float] = []  # this trainer's measured checkpoint writes
+        self._step_time, self._timed_steps = 0.0, 0  # optimizer steps' seconds, validation and saving left out
         self.schedule, self.warmup_steps, self.max_grad_norm = schedule, warmup_steps, max_grad_norm
         self.accumulate, self.precision, self.eval_batches = accumulate, precision, eval_batches
         self._trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -312,6 +329,7 @@ class Trainer:
         self.model.train()  # once: evaluate() puts the mode back as it found it
         try:
             while self.step < self.steps:
+                started = time.perf_counter()
                 self.optimizer.zero_grad(set_to_none=True)
                 value, asked = self._backward()
                 logged = {"loss": value}
@@ -330,17 +348,22 @@ class Trainer:
                 self.optimizer.step()
                 self.scheduler.step()
                 self.step += 1
+                self._step_time += time.perf_counter() - started
+                self._timed_steps += 1
                 self.recent_losses.append(value)
                 self._log(self.step, "train", logged)
                 for callback in self.callbacks:
                     callback.on_step(self, value)
                 at_end = self.step == self.steps
                 stopping = self._stop.is_set() if self._replicas is None else asked  # agreed on as the step began
-                saving = at_end or self.step % self.save_every == 0 or stopping
+                saving = at_end or self.step % self.save_interval == 0 or stopping
                 if at_end or saving or self.step % self.eval_every == 0:
                     self._validate(self.step)
+                    if not stopping and self._replicas is None and self._stop.is_set():  # asked at this validation
+                        stopping = saving = True  # (a search's pruner): end here, where the metrics are
                 if saving:
                     self._save(stages.FINETUNED if at_end else None)
+                    stopping = stopping or (self._replicas is None and self._stop.is_set())  # asked by on_save
                 bar.update(1)
                 bar.set_postfix({"loss": f"{value:.4f}", **self._shown_metric()}, refresh=False)
                 if stopping:
@@ -351,9 +374,12 @@ class Trainer:
         finally:
             self._stop.clear()  # a stop asked for before or during this fit ends it; the next fit starts afresh
             bar.close()
-            self._flush_log()
-            if self.checkpoints is not None:
-                self.checkpoints.close()  # waits for a pending save; another process may write here now
+            try:
+                if self.checkpoints is not None:
+                    self.checkpoints.close()  # waits for a pending save; another process may write here now
+            finally:
+                self._take_costs()
+                self._flush_log()
         if self._replicas is not None:
             self._replicas.barrier()  # rank 0's last checkpoint is on disk for every rank
         for callback in self.callbacks:
@@ -449,8 +475,21 @@ class Trainer:
         self._flush_log()
         path = self.checkpoints.save(self.step, self.model, self.optimizer, metrics=self.last_metrics, stage=stage,
                                      extra=extra)
+        self._take_costs()
         for callback in self.callbacks:
             callback.on_save(self, path)
+
+    def _take_costs(self) -> None:
+        """Log the write cost of each checkpoint now on disk; with save_every="auto", plan the interval anew."""
+        if self.checkpoints is None:
+            return
+        for cost in self.checkpoints.take_costs():
+            self._write_seconds.append(cost.seconds)
+            self._log(cost.step, "checkpoint", {"write_time": cost.seconds, "bytes": cost.bytes})
+        if self.mtbf is not None and self._write_seconds and self._timed_steps:
+            self.save_plan = plan(sum(self._write_seconds) / len(self._write_seconds),
+                                  self._step_time / self._timed_steps, self.mtbf, self.eval_every)
+            self.save_interval = self.save_plan.steps
 
     # -- the metrics log ----------------------------------------------------------------------
 

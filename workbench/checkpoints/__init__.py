@@ -1,6 +1,6 @@
 """Checkpoints: complete, atomic, verifiable snapshots of a training run, in safetensors and JSON."""
 
-from .manager import CheckpointManager
+from .manager import CheckpointManager, WriteCost
 from .snapshot import (
     CheckpointError,
     capture_rng,
@@ -11,5 +11,5 @@ from .snapshot import (
     verify,
 )
 
-__all__ = ["CheckpointError", "CheckpointManager", "capture_rng", "changed_tensors", "load_checkpoint", "read_progress",
-           "restore_rng", "verify"]
+__all__ = ["CheckpointError", "CheckpointManager", "WriteCost", "capture_rng", "changed_tensors", "load_checkpoint",
+           "read_progress", "restore_rng", "verify"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,6 +37,17 @@ LOCK_FILE = ".lock"
 CORRUPT_PREFIX = ".corrupt-"  # a checkpoint ``resume`` found damaged, set aside: never listed, never deleted
 
 Signature = tuple[tuple[str, int, int], ...]  # every file's (name, size, mtime_ns), by name
+
+
+@dataclass(frozen=True)
+class WriteCost:
+    """What one checkpoint cost to write: the seconds from ``save``'s capture of the state until the checkpoint
+    was on disk (fsync and rename included, pruning not; with ``async_save``, most of it in the background),
+    and the bytes of its files."""
+
+    step: int
+    seconds: float
+    bytes: int
 
 
 class CheckpointManager:
@@ -114,6 +126,8 @@ class CheckpointManager:
         self._lock = FileLock(self.directory / LOCK_FILE, timeout=0)
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future[None] | None = None
+        self._costs: list[WriteCost] = []  # written since the last take_costs()
+        self._costs_lock = threading.Lock()
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -171,24 +185,34 @@ class CheckpointManager:
         path = self.path_for(step)
         if path.exists():
             raise CheckpointError(f"{path}: a checkpoint of step {step} exists already; delete it first")
+        start = time.perf_counter()
         snapshot = capture(step, model, optimizer, metrics, stage, extra, full, self.run_config, copy=self.async_save)
         if not self.async_save:
-            self._write(snapshot, path)
+            self._write(snapshot, path, start)
             return path
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
-        self._pending = self._executor.submit(self._write, snapshot, path)
+        self._pending = self._executor.submit(self._write, snapshot, path, start)
         return path
 
-    def _write(self, snapshot: Snapshot, path: Path) -> None:
-        """Write ``snapshot`` as the checkpoint ``path``, remember it as verified, then prune."""
+    def _write(self, snapshot: Snapshot, path: Path, start: float) -> None:
+        """Write ``snapshot`` as the checkpoint ``path``, remember it as verified and what it cost, then prune."""
         try:
             with _writable(self.directory):
                 write_directory(path, snapshot.write)
         except (OSError, SafetensorError) as error:  # safetensors reports a failed write as its own error
             raise CheckpointError(f"{path}: could not be written ({error}); earlier checkpoints are intact") from error
-        _remember(path, _signature(path), _summary(snapshot.progress))
+        seconds, signature = time.perf_counter() - start, _signature(path)
+        _remember(path, signature, _summary(snapshot.progress))
+        with self._costs_lock:
+            self._costs.append(WriteCost(snapshot.progress["step"], seconds, sum(size for _, size, _ in signature)))
         self._prune()
+
+    def take_costs(self) -> list[WriteCost]:
+        """The ``WriteCost`` of each checkpoint written (on disk) since the last call, oldest first."""
+        with self._costs_lock:
+            costs, self._costs = self._costs, []
+        return costs
 
     def _finish_pending(self) -> None:
         pending, self._pending = self._pending, None

@@ -5,7 +5,8 @@
 - ``run``: ``Run`` and ``train``, which write one;
 - ``tables``: ``load_runs``, ``load_metrics``, ``load_checkpoints``, ``best_checkpoint``, ``summarize``: reading them;
 - ``operations``: what is done to a run's checkpoints (load, evaluate, export, delete, reduce, spectra);
-- ``sweep`` and ``executors``: many runs, in this process or on Ray;
+- ``sweep``, ``executors`` and ``search``: many runs, in this process or on Ray, and searches that prune
+  (Optuna, Ray Tune);
 - ``compression``: a task's base compressed by truncated SVD and recovered, three stage runs side by side.
 """
 
@@ -23,9 +24,9 @@ from .operations import (
     spectrum,
     spectrum_over_checkpoints,
 )
-from .run import Run, train
+from .run import Run, resume_run, train
 from .sweep import sweep, trial_name
-from .tables import best_checkpoint, load_checkpoints, load_metrics, load_runs, run_settings, summarize
+from .tables import best_checkpoint, checkpoint_cost, load_checkpoints, load_metrics, load_runs, run_settings, summarize
 
 __all__ = [
     "CHECKPOINTS_DIR",
@@ -35,6 +36,7 @@ __all__ = [
     "RunRecord",
     "RunSettings",
     "best_checkpoint",
+    "checkpoint_cost",
     "checkpoints_path",
     "compress_task",
     "compression_stages",
@@ -51,6 +53,7 @@ __all__ = [
     "load_runs",
     "summarize",
     "reduce_checkpoint",
+    "resume_run",
     "run_settings",
     "spectrum",
     "spectrum_over_checkpoints",

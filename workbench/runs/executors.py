@@ -49,7 +49,17 @@ class Trial:
     seed: int
 
 
-def _run(task: str | Task, trial: Trial, steps: int, settings: Mapping[str, Any]) -> Run:
+def trial_name(variant: str, rank: int | None, lr: float, seed: int, init: str = "default") -> str:
+    """The run directory's name, e.g. ``lora-r8-lr0.003-s0``, or ``lora-r8-lr0.003-s0-pissa`` with PiSSA init.
+
+    A baseline has no rank (``rank=None``): ``full-lr5e-05-s0``.
+    """
+    rank_part = "" if rank is None else f"-r{rank}"
+    return f"{variant}{rank_part}-lr{lr:g}-s{seed}" + ("" if init == "default" else f"-{init}")
+
+
+def build_trial(task: str | Task, trial: Trial, steps: int, settings: Mapping[str, Any]) -> Run:
+    """The trial's ``Run``, to resume if its directory holds it already (a baseline gets only its own settings)."""
     if is_baseline(trial.variant):  # the sweep's adapter settings (alpha, targets, options) are not the baseline's
         settings = baseline_settings(trial.variant, settings)
     return Run(task, trial.variant, trial.rank, trial.path, lr=trial.lr, seed=trial.seed, steps=steps, resume=True,
@@ -65,7 +75,7 @@ def run_trial(task: str | Task, trial: Trial, steps: int, settings: Mapping[str,
     """
     if threads is not None:
         torch.set_num_threads(threads)
-    return _run(task, trial, steps, settings).fit()
+    return build_trial(task, trial, steps, settings).fit()
 
 
 def run_local(task: str | Task, trials: Sequence[Trial], steps: int, settings: Mapping[str, Any]) -> None:
@@ -129,7 +139,7 @@ def run_on_ray(task: str | Task, trials: Sequence[Trial], steps: int, settings: 
     import_ray()  # before any work: a missing Ray fails at once
     unfinished: list[tuple[int, Trial]] = []  # (trainable parameters, trial); one model built at a time
     for trial in trials:
-        run = _run(task, trial, steps, settings)
+        run = build_trial(task, trial, steps, settings)
         if not run.finished:
             unfinished.append((trainable_parameters(run.model), trial))
     pending = [trial for _, trial in sorted(unfinished, key=lambda pair: -pair[0])]  # the longest first

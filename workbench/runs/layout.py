@@ -33,7 +33,8 @@ from ..trainer import check_seed
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
-STATUSES = ("running", "finished", "stopped", "diverged", "failed", stages.RANK_REDUCED, stages.SVD)
+PRUNED = "pruned"  # stopped by a search's pruner at a validation, with a checkpoint there (``wb.resume_run``)
+STATUSES = ("running", "finished", "stopped", PRUNED, "diverged", "failed", stages.RANK_REDUCED, stages.SVD)
 
 
 class RunSettings(TypedDict):
@@ -52,7 +53,7 @@ class RunSettings(TypedDict):
     optimizer: str
     steps: int
     eval_every: int
-    save_every: int
+    save_every: int | str  # or "auto": Young/Daly's interval from the measured write time and ``mtbf``
     seed: int
     batch_size: int
     keep_last: int | None
@@ -66,6 +67,7 @@ class RunSettings(TypedDict):
     accumulate: int  # micro-batches per optimizer step
     precision: str  # "float32" or "bf16"
     eval_batches: int | None  # None: validate on the whole split
+    mtbf: float | None  # save_every="auto": the expected time between failures, in seconds
     compression: dict[str, Any] | None  # a compressed base (``wb.compress``): {"ranks": {layer: k}, and how they
     #                                     were chosen}; the base is factorised at these ranks before anything else
 
@@ -88,6 +90,7 @@ class RunRecord(TypedDict, total=False):
     steps_done: int
     processes: int  # data-parallel processes, when more than one trained it
     test: dict[str, Any]  # the test metrics of the checkpoint validation chose, with its name and step
+    save_plan: dict[str, Any]  # save_every="auto": the interval chosen and why (``workbench.save_interval.SavePlan``)
     reduced_from: str  # rank-reduced runs: the source checkpoint
     reduction: dict[str, Any]  # rank-reduced runs: the rank or energy asked, and the per-layer table
 
@@ -95,7 +98,7 @@ class RunRecord(TypedDict, total=False):
 # what a record from before these settings means
 TRAINER_DEFAULTS = {"task_source": None, "train": None, "schedule": "constant", "warmup_steps": 0,
                     "max_grad_norm": None, "accumulate": 1, "precision": "float32", "eval_batches": None,
-                    "compression": None}
+                    "compression": None, "mtbf": None}
 REQUIRED_SETTINGS = ("task", "variant", "rank", "alpha", "targets", "options", "lr", "seed", "steps", "monitor",
                      "mode")
 
@@ -268,6 +271,14 @@ def _resolve_baseline(task: Task, settings: dict[str, Any]) -> RunSettings:
     check_seed(settings["seed"])
     return {**TRAINER_DEFAULTS, **settings, "rank": None, "alpha": None, "targets": None, "train": train,
             "options": {}, "mode": resolve_mode(settings["monitor"], settings.get("mode"))}
+
+
+def run_arguments(settings: RunSettings) -> dict[str, Any]:
+    """The keyword arguments of ``wb.Run`` that make the run ``settings`` record (its task, out and the
+    arguments that do not change the run, such as callbacks, aside)."""
+    arguments = {key: value for key, value in settings.items()
+                 if key not in ("task", "task_source", "batch_size", "options")}
+    return arguments | settings["options"]
 
 
 def build_model(task: Task, settings: RunSettings) -> nn.Module:

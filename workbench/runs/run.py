@@ -14,11 +14,14 @@ import torch.distributed as dist
 
 from ..adapt import trainable_parameters
 from ..checkpoints import CheckpointManager
+from ..checks import is_integer
 from ..memory import PeakResident, peak_resident
+from ..save_interval import check_save_every
 from ..targets import target_patterns
 from ..tasks import Task, get_task
 from ..trainer import Callback, Trainer, held_out_metrics
 from .layout import (
+    PRUNED,
     RunRecord,
     build_model,
     checkpoints_path,
@@ -26,6 +29,8 @@ from .layout import (
     metrics_path,
     read_record,
     resolve_settings,
+    run_arguments,
+    task_of,
     write_record,
 )
 
@@ -55,6 +60,9 @@ class Run:
             metrics are measured in the run's precision too.
         keep_last, keep_best, monitor, mode: see ``wb.CheckpointManager``; the mode is inferred from the
             monitor's name when not given (``"max"`` for ``val_acc``).
+        mtbf: with ``save_every="auto"``, the expected time between failures, e.g. ``"4h"`` (see ``wb.Trainer``);
+            the record's ``save_plan`` says which interval was chosen and why.
+        extend: with ``resume=True``, the run may go on to more ``steps`` than it recorded (``wb.resume_run``).
         compression: a compressed base, ``{"ranks": {layer: k}}`` (``wb.compress_task`` writes it; more keys
             may say how the ranks were chosen): the task's base is factorised at those ranks
             (``workbench.compress.factorize``) before adapters go on, e.g. ``targets=["up", "down"]``
@@ -94,7 +102,9 @@ class Run:
         accumulate: int = 1,
         precision: str = "float32",
         eval_batches: int | None = None,
+        mtbf: float | str | None = None,
         compression: dict[str, Any] | None = None,
+        extend: bool = False,
         **options: Any,
     ) -> None:
         self.task = get_task(task) if isinstance(task, str) else task
@@ -109,18 +119,19 @@ class Run:
             "keep_last": keep_last, "keep_best": keep_best, "monitor": monitor, "mode": mode,
             "schedule": schedule, "warmup_steps": warmup_steps, "max_grad_norm": max_grad_norm,
             "accumulate": accumulate, "precision": precision, "eval_batches": eval_batches,
-            "compression": compression,
+            "mtbf": check_save_every(save_every, mtbf), "compression": compression,
         })
         self.record: RunRecord = {}
         self.resume = resume
+        self._pruned: str | None = None  # why a search pruned it (``prune``)
         if is_run(self.path):
             self.record = read_record(self.path)
             if not resume:
                 raise ValueError(f"{self.path} holds a run already; resume it (resume=True, --resume) or choose "
                                  "another directory")
             there = resolve_settings(self.task, self.record["settings"])
-            changed = [f"{k}: {there.get(k)!r} there, {v!r} here"
-                       for k, v in self.settings.items() if there.get(k) != v]
+            changed = [f"{k}: {there.get(k)!r} there, {v!r} here" for k, v in self.settings.items()
+                       if there.get(k) != v and not (extend and k == "steps")]
             if changed:
                 raise ValueError(f"{self.path} holds a different run; it differs in " + "; ".join(changed))
         self._made = [p for p in (checkpoints_path(self.path), self.path, *self.path.parents) if not p.exists()]
@@ -135,7 +146,7 @@ class Run:
                                    progress_bar=progress_bar, monitor=monitor, process_group=process_group,
                                    device=device, schedule=schedule, warmup_steps=warmup_steps,
                                    max_grad_norm=max_grad_norm, accumulate=accumulate, precision=precision,
-                                   eval_batches=eval_batches)
+                                   eval_batches=eval_batches, mtbf=mtbf)
         except BaseException:
             self.discard()  # a rejected run leaves nothing behind
             raise
@@ -152,11 +163,22 @@ class Run:
 
     @property
     def finished(self) -> bool:
-        return self.record.get("status") == "finished"
+        """Whether the run has trained all its ``steps`` (an extended run has not, until it is resumed)."""
+        return (self.record.get("status") == "finished"
+                and self.record.get("steps_done", self.settings["steps"]) >= self.settings["steps"])
 
     def stop(self) -> None:
         """End a running ``fit`` safely: a checkpoint is saved first. Safe from any thread."""
         self.trainer.stop()
+
+    def prune(self, message: str) -> None:
+        """End the run as pruned by a search, ``message`` saying why: during ``fit`` (from a callback's
+        ``on_evaluate``) at that validation, with a checkpoint there; before ``fit``, as it stands on disk."""
+        self._pruned = message
+        if self.trainer.status == "running":
+            self.trainer.stop()
+        else:
+            mark_pruned(self.path, message)
 
     def fit(self) -> dict[str, Any]:
         """Train (or resume, or skip a finished run) and write the outcome; returns the run's record.
@@ -196,6 +218,8 @@ class Run:
             self.record.update(status="failed", message=f"{type(error).__name__}: {error}")
             raise
         else:
+            if status == "stopped" and self._pruned is not None:
+                status, self.trainer.message = PRUNED, self._pruned
             self.record.update(status=status, message=self.trainer.message, steps_done=self.trainer.step)
             if status == "finished" and writer:
                 testing = time.perf_counter()
@@ -204,6 +228,8 @@ class Run:
         finally:
             self.record["wall_time"] += time.perf_counter() - start
             self.record["eval_time"] += self.trainer.eval_time - validating
+            if self.trainer.save_plan is not None:
+                self.record["save_plan"] = self.trainer.save_plan.as_dict()
             if self.record["saved_bytes"] is None:  # measured on the trainer's first micro-batch, kept from then on
                 self.record["saved_bytes"] = self.trainer.saved_bytes
             measured = [b for b in (self.record["peak_rss"], peak.bytes) if b is not None]
@@ -228,3 +254,44 @@ def train(task: str | Task, variant: str, rank: int | None, out: str | os.PathLi
     """Train one run (see ``Run`` for the settings; rank None for a baseline) and return its directory."""
     Run(task, variant, rank, out, **settings).fit()
     return Path(out)
+
+
+def mark_pruned(run: str | os.PathLike[str], message: str, steps_done: int | None = None) -> None:
+    """Record a run that a search stopped early as "pruned", ``message`` saying why (and where it stopped)."""
+    record = read_record(Path(run))
+    record.update(status=PRUNED, message=message)
+    if steps_done is not None:
+        record["steps_done"] = steps_done
+    write_record(Path(run), record)
+
+
+def resume_run(run: str | os.PathLike[str], steps: int | None = None, *, task: Task | None = None,
+               callbacks: Sequence[Callback] = (), progress_bar: bool = True) -> RunRecord:
+    """Continue a run from its newest checkpoint to ``steps`` (default: the steps it recorded), as the same run.
+
+    For a pruned, stopped or failed run, or a finished one given more steps: the trainer resumes its
+    newest checkpoint exactly (model, optimizer, schedule, random and data states), so the run ends as
+    one that never stopped and had been asked for ``steps`` from the start; its metrics log, record
+    and row of the runs table continue. A run on your own task rebuilds it from its recorded files, or
+    takes ``task``. Returns the run's record.
+
+    Raises:
+        ValueError: not a run; steps fewer than it has done, or not more than a finished run's; more steps
+            under a schedule that decays to the recorded last step ("linear", "cosine"), which a longer run
+            would have decayed differently; a task that is not the run's.
+    """
+    path = Path(run)
+    record = read_record(path)
+    settings = record["settings"]
+    done = record.get("steps_done", 0)
+    steps = settings["steps"] if steps is None else steps
+    if not is_integer(steps) or steps < max(done, 1):
+        raise ValueError(f"steps must be an integer at least the {done} steps {path.name} has done, not {steps!r}")
+    if record.get("status") == "finished" and steps <= done:
+        raise ValueError(f"{path.name} has finished its {done} steps: give more steps to continue it (steps > {done})")
+    if steps != settings["steps"] and settings["schedule"] != "constant":
+        raise ValueError(f"{path.name} trains with a {settings['schedule']} schedule that decays to 0 at step "
+                         f"{settings['steps']}; a run of {steps} steps would have decayed differently from the start, "
+                         "so it cannot be continued exactly: train a new run of that length")
+    return Run(task_of(settings, task), **run_arguments({**settings, "steps": steps}), out=path, resume=True,
+               extend=True, callbacks=callbacks, progress_bar=progress_bar).fit()

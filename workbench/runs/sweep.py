@@ -7,6 +7,7 @@ import itertools
 import os
 import random
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -16,17 +17,11 @@ from ..adapters import variant_names
 from ..baselines import BASELINES, baseline_settings, check_train, is_baseline
 from ..checks import is_integer
 from ..tasks import Task, get_task
-from .executors import EXECUTORS, Trial, run_local, run_on_ray
+from .executors import EXECUTORS, Trial, build_trial, run_local, run_on_ray, trial_name
+from .search import Space, begin_search, check_pruner, optuna_search, ray_search
 from .tables import load_runs
 
-
-def trial_name(variant: str, rank: int | None, lr: float, seed: int, init: str = "default") -> str:
-    """The run directory's name, e.g. ``lora-r8-lr0.003-s0``, or ``lora-r8-lr0.003-s0-pissa`` with PiSSA init.
-
-    A baseline has no rank (``rank=None``): ``full-lr5e-05-s0``.
-    """
-    rank_part = "" if rank is None else f"-r{rank}"
-    return f"{variant}{rank_part}-lr{lr:g}-s{seed}" + ("" if init == "default" else f"-{init}")
+SEARCHES = ("grid", "random", "optuna")
 
 
 def _choices(name: str, values: Sequence[Any]) -> list[Any]:
@@ -71,6 +66,7 @@ def sweep(
     executor: str = "local",
     address: str | None = None,
     cpus_per_trial: int = 1,
+    pruner: str | None = "successive-halving",
     **settings: Any,
 ) -> pd.DataFrame:
     """Train one run per trial under ``out`` and return the runs table (``wb.load_runs(out)``).
@@ -79,6 +75,16 @@ def sweep(
     them drawn without replacement with a fixed generator (``search="random"``), so the same
     call always picks the same trials. Run again after an interruption, a sweep skips the
     finished trials and resumes the unfinished ones from their newest checkpoints.
+
+    ``search="optuna"`` samples ``trials`` configurations of the same space (variant, then rank and
+    lr) with Optuna's TPE sampler, seeded by the one seed of ``seeds``, reports every validation of
+    the monitor to the trial, and stops a trial its ``pruner`` rejects ("successive-halving", the
+    default, "hyperband", "median", or None), where it validated: its run keeps its checkpoints and
+    metrics, with status "pruned" (``wb.resume_run`` continues it). The study is ``out/optuna.db``:
+    an interrupted search run again continues it. On Ray the same search runs through Ray Tune
+    (``workbench.runs.search``)::
+
+        wb.sweep("reviews", ["lora", "dora", "vera"], [2, 8], lrs=[1e-3, 3e-3], search="optuna", trials=8)
 
     ``variants`` may name the baselines (``wb.BASELINES``: ``"full"`` fine-tuning, ``"head"``
     on a frozen base) beside the adapters; a baseline has no rank, so it is one trial per
@@ -113,6 +119,7 @@ def sweep(
             this machine's cores; ``"HOST:PORT"`` (or ``"auto"``) joins a running cluster. A
             process already connected (``ray.init``) uses its connection.
         cpus_per_trial: Ray only: the CPUs each trial's task reserves and its torch threads.
+        pruner: ``search="optuna"`` only: what stops trials early (``workbench.runs.search.PRUNERS``).
         **settings: passed to every ``wb.Run`` (alpha, eval_every, save_every, keep_best,
             callbacks, ...). On Ray, callbacks are copied to the workers and run there.
 
@@ -136,8 +143,16 @@ def sweep(
     if unknown:
         raise ValueError(f"unknown variant {unknown[0]!r}; valid variants: {', '.join(names)}; valid baselines: "
                          f"{', '.join(BASELINES)}")
-    if search not in ("grid", "random"):
-        raise ValueError(f"search must be 'grid' or 'random', not {search!r}")
+    if search not in SEARCHES:
+        raise ValueError(f"unknown search {search!r}; valid searches: {', '.join(SEARCHES)}")
+    check_pruner(pruner)
+    if search != "optuna" and pruner != "successive-halving" and pruner is not None:
+        raise ValueError(f"pruner (--pruner) is for search='optuna' (--search optuna), which reports evaluations to "
+                         f"it; a {search} search trains every trial to the end")
+    if search == "optuna" and seeds is not None and len(seeds) != 1:
+        raise ValueError(f"an optuna search trains each sampled configuration with one seed, which also seeds its "
+                         f"sampler: give one seed (seeds=[0]), not {seeds}; search again in another directory for "
+                         "another seed")
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r}; valid executors: {', '.join(EXECUTORS)}")
     if executor == "local" and (address is not None or cpus_per_trial != 1):
@@ -150,13 +165,24 @@ def sweep(
     grid = [(variant, rank, lr, seed) for variant in variants
             for rank, lr, seed in itertools.product([None] if is_baseline(variant) else ranks,
                                                     learning_rates[variant], seeds if seeds is not None else [0])]
+    if search != "grid" and (not is_integer(trials) or trials < 1):
+        raise ValueError(f"a {search} search needs trials (--trials), an integer >= 1, not {trials!r}")
     if search == "random":
-        if not isinstance(trials, int) or trials < 1:
-            raise ValueError(f"a random search needs trials, an integer >= 1, not {trials!r}")
         grid = random.Random(0).sample(grid, min(trials, len(grid)))
     root = Path(out).absolute()  # a Ray worker's working directory is not ours
     if root.exists() and not root.is_dir():
         raise ValueError(f"{out} is a file; a sweep writes a directory of runs: give a directory")
+    if search == "optuna":
+        seed = seeds[0] if seeds is not None else 0
+        build_trial(task, Trial(root / "unused", *grid[0][:3], seed), steps, settings).discard()  # refuses bad settings
+        space = Space(variants, ranks, learning_rates)
+        begin_search(root, {"search": search, "executor": executor, "trials": trials, "steps": steps, "seed": seed,
+                            "pruner": pruner, "monitor": settings.get("monitor", "val_loss"), "space": asdict(space)})
+        if executor == "ray":
+            ray_search(task, space, trials, steps, settings, root, pruner, seed, address, cpus_per_trial)
+        else:
+            optuna_search(task, space, trials, steps, settings, root, pruner, seed)
+        return load_runs(out)
     init = settings.get("init", "default")  # a baseline has no options, so no init
     runs = [Trial(root / trial_name(*trial, init="default" if is_baseline(trial[0]) else init), *trial)
             for trial in grid]

@@ -148,3 +148,32 @@ def load_checkpoints(run_or_directory: str | os.PathLike[str]) -> pd.DataFrame:
         return pd.DataFrame(columns=["run", "step", "path", "stage", "size", "created"])
     table = pd.concat(frames, ignore_index=True)
     return table[["run", *(column for column in table.columns if column != "run")]]
+
+
+def checkpoint_cost(run_or_directory: str | os.PathLike[str]) -> pd.DataFrame:
+    """What checkpointing cost each run, from the write times and sizes its trainer logged: one row per run.
+
+    Columns: run, checkpoints (timed writes), write_seconds (their mean), write_seconds_max,
+    write_total (seconds), checkpoint_bytes (mean), overhead (write_total / the run's wall_time),
+    save_every (as asked: an integer or "auto"), mtbf (seconds, for "auto"), and for "auto" the
+    interval it chose, interval_steps, with step_seconds, optimal_seconds (Young's sqrt(2 C MTBF)),
+    expected_overhead and expected_lost_work at that interval (``workbench.save_interval``).
+    """
+    metrics = load_metrics(run_or_directory)
+    writes = metrics[metrics["split"] == "checkpoint"]
+    rows = []
+    for run, record in records(run_or_directory):
+        mine = writes[writes["run"] == run.name]
+        seconds, sizes = mine.loc[mine["metric"] == "write_time", "value"], mine.loc[mine["metric"] == "bytes", "value"]
+        chosen = record.get("save_plan") or {}
+        wall = record.get("wall_time")
+        rows.append({
+            "run": run.name, "checkpoints": len(seconds), "write_seconds": seconds.mean(),
+            "write_seconds_max": seconds.max(), "write_total": seconds.sum(), "checkpoint_bytes": sizes.mean(),
+            "overhead": seconds.sum() / wall if wall else None,
+            "save_every": record["settings"].get("save_every"), "mtbf": record["settings"].get("mtbf"),
+            "interval_steps": chosen.get("steps"), "step_seconds": chosen.get("step_seconds"),
+            "optimal_seconds": chosen.get("optimal_seconds"), "expected_overhead": chosen.get("overhead"),
+            "expected_lost_work": chosen.get("lost_work"),
+        })
+    return pd.DataFrame(rows)

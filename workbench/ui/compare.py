@@ -187,7 +187,8 @@ class Compare(Panel):
 
     def run_summary(self, runs: Sequence[str] | None = None) -> pd.DataFrame:
         """Per run (default: the chosen ones): run, variant, rank, trainable, its best checkpoint's
-        ``val_<metric>`` and step by the panel's metric, test_loss, test_acc, status; by trainable."""
+        ``val_<metric>`` and step by the panel's metric, test_loss, test_acc, status and steps_done (where a
+        pruned or stopped run stopped); by trainable."""
         metric, mode = f"val_{self.metric.value}", wb.selection.metric_mode(self.metric.value)
         runs = list(self.runs.value) if runs is None else list(runs)
         table = self.run_table[self.run_table["run"].isin(runs)]
@@ -200,7 +201,8 @@ class Compare(Panel):
                 continue
             row = mine.loc[best]
             bests.append({"run": run, metric: float(row[metric]), "best step": int(row["step"])})
-        columns = ["run", "variant", "rank", "trainable", metric, "best step", "test_loss", "test_acc", "status"]
+        columns = ["run", "variant", "rank", "trainable", metric, "best step", "test_loss", "test_acc", "status",
+                   "steps_done"]
         # load_runs' own val_<metric> is the monitor's checkpoint's; this table's is the best by the metric
         summary = table.drop(columns=[metric, "best step"], errors="ignore").merge(
             pd.DataFrame(bests, columns=["run", metric, "best step"]), on="run")

@@ -287,8 +287,10 @@ class Workbench(Panel):
         callbacks: more ``wb.Callback`` s for every run (they run on the training thread).
 
     Attributes:
-        variant, ranks, alpha, lr, steps, eval_every, save_every, seed, targets: the controls
-            (``ranks`` and ``targets`` are multi-selects; ``alpha`` 0 means alpha = rank). ``variant``
+        variant, ranks, alpha, lr, steps, eval_every, save_every, mtbf, seed, targets: the controls
+            (``ranks`` and ``targets`` are multi-selects; ``alpha`` 0 means alpha = rank; an ``mtbf`` such
+            as "4h" replaces ``save_every`` by ``save_every="auto"``, and the status line then says which
+            interval it chose, with its write overhead and expected lost work). ``variant``
             offers ``wb.VARIANTS``, then the baselines ``wb.BASELINES`` ("full", "head"), for which
             ranks and targets are disabled and ignored: one run, of the base model itself.
             ``targets`` lists the ``target_groups``, attention first, then MLP, head and other, one
@@ -340,6 +342,10 @@ class Workbench(Panel):
         self.eval_every = widgets.BoundedIntText(value=50, min=1, max=10**7, description="evaluate every", style=_WIDE)
         self.save_every = widgets.BoundedIntText(value=50, min=1, max=10**7, description="checkpoint every",
                                                  style=_WIDE)
+        self.mtbf = widgets.Text(value="", placeholder="e.g. 4h", description="MTBF", style=_WIDE,
+                                 tooltip="the expected time between failures (4h, 30m, or seconds): checkpoints are "
+                                 "then spaced by Young/Daly's rule from their measured write time "
+                                 "(save_every='auto'); empty: every 'checkpoint every' steps")
         self.seed = widgets.BoundedIntText(value=0, min=0, max=2**31 - 1, description="seed")
         self.targets = widgets.SelectMultiple(
             options=[(group.label, group.pattern) for group in self.target_groups], value=self._default_targets,
@@ -361,7 +367,7 @@ class Workbench(Panel):
         self.figure = go.FigureWidget(wb.plots.live_runs([]))  # a launch puts its runs' traces in (_reset_figure)
 
         settings = widgets.VBox([self.variant, self.alpha, *self.options.values(), self.lr, self.seed])
-        schedule = widgets.VBox([self.steps, self.eval_every, self.save_every, self.ranks])
+        schedule = widgets.VBox([self.steps, self.eval_every, self.save_every, self.mtbf, self.ranks])
         header = widgets.HTML(f"<b>Adapter workbench</b>: task <code>{html.escape(self.task.name)}</code>, "
                               f"runs in <code>{html.escape(str(self.runs_dir))}</code>")
         self.widget = widgets.VBox([
@@ -472,6 +478,8 @@ class Workbench(Panel):
         variant = self.variant.value
         shared = {"lr": float(self.lr.value), "steps": self.steps.value, "eval_every": self.eval_every.value,
                   "save_every": self.save_every.value, "seed": self.seed.value}
+        if self.mtbf.value.strip():  # the interval from the measured write time and this MTBF
+            shared |= {"save_every": "auto", "mtbf": self.mtbf.value.strip()}
         if variant in wb.BASELINES:
             return [None], shared
         ranks: list[int | None] = sorted(self.ranks.value)
@@ -573,10 +581,20 @@ class Workbench(Panel):
             test = record.get("test", {})
             accuracy = f", test acc {test['test_acc']:.3f}" if "test_acc" in test else ""
             perplexity = f", test ppl {test['test_ppl']:.4g}" if "test_ppl" in test else ""
-            return status, f"{name} finished ({steps} steps{accuracy}{perplexity})"
+            return status, f"{name} finished ({steps} steps{accuracy}{perplexity}){Workbench._plan(record)}"
         if status == "stopped":
             return status, f"{name} stopped at step {steps} (checkpoint saved)"
         return status, f"{name} {status}: {record.get('message', '')}"
+
+    @staticmethod
+    def _plan(record: dict[str, Any]) -> str:
+        """What save_every="auto" chose, with its expected costs; "" for a fixed interval."""
+        plan = record.get("save_plan")
+        if plan is None:
+            return ""
+        return (f"; checkpoints every {plan['steps']} steps (Young/Daly for a {plan['write_seconds']:.2g} s write "
+                f"and an MTBF of {plan['mtbf_seconds'] / 3600:.3g} h: writing {plan['overhead']:.2%} of the time, "
+                f"expected lost work {plan['lost_work']:.2%})")
 
     def _show(self, trainer: wb.Trainer, index: int, label: str) -> None:
         """Redraw the running series, the progress bar and the status line (on the training thread)."""
