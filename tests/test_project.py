@@ -11,11 +11,11 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-CONDA_NAMES = {"torch": "pytorch", "ray": "ray-default"}  # PyPI name -> conda-forge name, where they differ
+CONDA_NAMES = {"torch": "pytorch", "ray[tune]": "ray-tune"}  # PyPI name (with extras) -> conda-forge name
 
 
 def _split(requirement: str) -> tuple[str, str]:
-    name, spec = re.fullmatch(r"([A-Za-z0-9_.\-]+)\s*(.*)", requirement).groups()
+    name, spec = re.fullmatch(r"([A-Za-z0-9_.\-]+(?:\[[a-z,]+\])?)\s*(.*)", requirement).groups()
     return name.lower(), spec.replace(" ", "")
 
 
