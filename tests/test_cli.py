@@ -137,7 +137,9 @@ BAD = [
     (["sweep", "--ranks", "2", "--variants", "lora", "--out", "{tmp}/file"], r"file is a file; a sweep writes a directory"),
     (["experiment", "--out", "{tmp}/file"], r"file is a file; a sweep writes a directory"),
     (["sweep", "--variants", ",", "--out", "{tmp}/s"], r"variants is empty: give at least one"),
-    (["export", "{run}/checkpoints/step-00000002", "--to", "{tmp}/file"], r"file is a file; an adapter is written as a directory"),
+    (["export", "{run}/checkpoints/step-00000002", "--to", "{tmp}/file"], r"file exists and is not an empty directory"),
+    (["export", "{run}/checkpoints/step-00000002", "--to", "{tmp}"], r"exists and is not an empty directory"),
+    (["export", "{run}/checkpoints/step-00000002", "--format", "merged", "--to", "{tmp}"], r"not an empty directory"),
     (["reduce", "{run}/checkpoints/step-00000002", "--rank", "1", "--out", "{tmp}/file"], r"file is a file; the reduced checkpoint"),
     (["report", "{run}", "--to", "{tmp}"], r"is a directory; the report is a file"),
     (["train", "--variant", "lora", "--rank", "4", "--out", "x", "--task", "mnist"], r"argument --task: invalid choice: 'mnist'"),
@@ -279,3 +281,21 @@ def test_bad_trainer_flags_give_one_line_and_status_2(flags, message, tmp_path, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err and re.search(message, err), err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_sweep_names_each_trial_in_its_bar_and_the_table_is_sorted_by_the_named_metric(tmp_path, cache, capsys,
+                                                                                          monkeypatch):
+    monkeypatch.setenv("WORKBENCH_CACHE", cache)
+    runs = tmp_path / "runs"
+    assert main(["sweep", "--variants", "lora", "--ranks", "1,4", "--lrs", "0.001,0.03", "--steps", "6",
+                 "--eval-every", "3", "--save-every", "3", "--out", str(runs)]) == 0
+    captured = capsys.readouterr()
+    names = [wb.trial_name("lora", rank, lr, 0) for rank in (1, 4) for lr in (1e-3, 3e-2)]
+    for number, name in enumerate(names, start=1):
+        assert f"trial {number}/4 {name}" in captured.err  # tqdm's bar, on stderr
+    header, *rows = captured.out.strip().splitlines()
+    assert "best val_loss" in header and "at step" in header and "wall time (s)" in header
+    table = wb.load_runs(runs)
+    order = [line.split()[0] for line in rows]
+    assert order == list(table.sort_values("best_value")["run"])  # lowest validation loss first
+    assert len(set(table["best_value"])) == 4  # four different values, so the order is a real check

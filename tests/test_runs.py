@@ -384,3 +384,30 @@ def test_a_run_records_the_bytes_autograd_saved_on_its_first_batch_and_keeps_the
     resumed = wb.Run(task, "lora", 4, tmp_path / "run", steps=20, seed=3, resume=True, **FAST).fit()
     assert resumed["status"] == "finished" and resumed["saved_bytes"] == saved.bytes
     assert wb.load_runs(tmp_path / "run").loc[0, "saved_bytes"] == saved.bytes
+
+
+def test_a_merged_export_loads_into_the_base_model_and_no_export_overwrites_a_directory(tmp_path):
+    from safetensors.torch import load_model
+
+    run = tmp_path / "run"
+    wb.train("digits", "lora", 2, run, steps=6, eval_every=3, save_every=3, progress_bar=False)
+    best = wb.best_checkpoint(run)
+    ours, _ = wb.load_run_model(best)
+    merged = wb.export_checkpoint(best, tmp_path / "merged", "merged")
+    assert sorted(path.name for path in merged.iterdir()) == ["model.safetensors"]
+    task = wb.tasks.get_task("digits")
+    plain = task.base_model()
+    load_model(plain, merged / "model.safetensors")  # strict: the base model's own names and shapes
+    images, _ = next(iter(task.loaders(0)["val"]))
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(images), ours.eval()(images), rtol=1e-5, atol=1e-5)  # merge rounding
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    for format in wb.runs.EXPORT_FORMATS:
+        with pytest.raises(ValueError, match="not an empty directory"):
+            wb.export_checkpoint(best, taken, format)
+    assert [path.name for path in taken.iterdir()] == ["notes.txt"]
+    with pytest.raises(ValueError, match="valid formats: peft: .*merged: "):
+        wb.export_checkpoint(best, tmp_path / "other", "onnx")

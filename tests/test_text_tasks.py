@@ -312,3 +312,43 @@ def test_the_cli_trains_on_your_model_and_data_and_exports_it(tiny_bert, tmp_pat
     failed = subprocess.run([*workbench, "train", "--model", str(tiny_bert), "--variant", "lora", "--rank", "2",
                              "--out", str(tmp_path / "other")], capture_output=True, text=True)
     assert failed.returncode == 2 and "--model and --data go together" in failed.stderr
+
+
+def test_the_merged_export_of_a_causal_lm_loads_in_transformers_with_the_run_models_logits(tiny_llama, tmp_path):
+    play = tmp_path / "play.txt"
+    play.write_text(" ".join(SENTENCES * 40))
+    task = wb.tasks.causal_lm(tiny_llama, play, block_size=16)
+    run = tmp_path / "run"
+    wb.train(task, "dora", 2, run, lr=1e-2, steps=4, eval_every=2, save_every=2, targets=["q_proj", "lm_head"],
+             progress_bar=False)
+    best = wb.best_checkpoint(run)
+    ours, _ = wb.load_run_model(best, task)
+    merged = wb.export_checkpoint(best, tmp_path / "merged", "merged", task=task)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()
+    assert transformers.AutoTokenizer.from_pretrained(merged).vocab_size == task.tokenizer.vocab_size
+    ids = task.datasets(0)["val"][0][0][None]
+    with torch.no_grad():
+        original = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama).eval()(input_ids=ids).logits
+        theirs, mine = loaded(input_ids=ids).logits, ours.eval()(ids)
+    assert not torch.allclose(theirs, original, atol=1e-4)  # the training is in the saved weights
+    torch.testing.assert_close(theirs, mine, rtol=1e-4, atol=1e-5)  # W + delta W folded once: float32 rounding
+
+
+def test_the_merged_export_of_a_classifier_has_transformers_encoder_and_the_head_beside_it(tiny_bert, tmp_path):
+    from safetensors.torch import load_file
+
+    task = wb.tasks.text_classification(tiny_bert, labelled(), "review", "sentiment")
+    run = tmp_path / "run"
+    wb.train(task, "lora", 4, run, lr=1e-2, steps=4, eval_every=2, save_every=2, progress_bar=False)
+    best = wb.best_checkpoint(run)
+    ours, _ = wb.load_run_model(best, task)
+    merged = wb.export_checkpoint(best, tmp_path / "merged", "merged", task=task)
+    encoder = transformers.AutoModel.from_pretrained(merged).eval()
+    head = load_file(merged / wb.runs.operations.HEAD_FILE)
+    assert set(head) == {"classifier.weight", "classifier.bias"}
+    rebuilt = task.base_model()  # the task's model, its encoder and head replaced by the exported ones
+    rebuilt.bert.load_state_dict(encoder.state_dict())
+    rebuilt.classifier.load_state_dict({name.split(".", 1)[1]: value for name, value in head.items()})
+    ids, _ = next(iter(task.loaders(0)["test"]))
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(ids), ours.eval()(ids), rtol=1e-4, atol=1e-5)  # merge rounding

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,10 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import workbench as wb
+from workbench.cli import _run_settings, build_parser
+from workbench.cli import main as cli_main
 from workbench.ui import workbench as panel_module
-from workbench.ui.workbench import Workbench, target_groups, target_kind
+from workbench.ui.workbench import RANKS, Workbench, target_groups, target_kind
 
 TIMEOUT = 120  # seconds; a bound for a hang, not a timing check
 
@@ -54,10 +57,10 @@ class Fail(wb.Callback):
             raise RuntimeError("boom at step 3")
 
 
-def panel_for(tmp_path, steps=30, task="digits", **kwargs) -> Workbench:
+def panel_for(tmp_path, steps=30, task="digits", rank=4, **kwargs) -> Workbench:
     panel = Workbench(task, tmp_path / "runs", **kwargs)
     panel.steps.value, panel.eval_every.value, panel.save_every.value = steps, 5, 10
-    panel.ranks.value = (4,)
+    panel.ranks.value = (rank,)
     return panel
 
 
@@ -248,7 +251,15 @@ def test_stop_right_after_launch_and_a_second_launch_is_refused(tmp_path):
     (lambda p, t: setattr(p.targets, "value", ()), "at least one target"),
     (lambda p, t: setattr(p.alpha, "value", -1.0), "alpha"),
     (lambda p, t: setattr(p.alpha, "value", float("nan")), "alpha"),
-    (lambda p, t: setattr(p.ranks, "value", (2, 64)), "rank 64 is larger"),  # the first rank is fine
+    (lambda p, t: setattr(p.lr, "value", 0.0), "lr must be a finite number"),  # refused, not clamped
+    (lambda p, t: setattr(p.lr, "value", -1e-3), "lr must be a finite number"),
+    (lambda p, t: setattr(p.steps, "value", 0), "steps must be an integer"),
+    (lambda p, t: setattr(p.eval_every, "value", -5), "eval_every must be an integer"),
+    (lambda p, t: setattr(p.save_every, "value", 0), "save_every must be an integer"),
+    (lambda p, t: setattr(p.seed, "value", -1), "seed"),
+    (lambda p, t: setattr(p.training["warmup_steps"], "value", -1), "warmup_steps must be"),
+    (lambda p, t: setattr(p.training["keep_last"], "value", -2), "keep_last"),
+    (lambda p, t: setattr(p.training["accumulate"], "value", 0), "accumulate must be an integer"),
     (lambda p, t: (p.variant.__setattr__("value", "lora-plus"), p.options["lr_ratio"].__setattr__("value", -2.0)),
      "lr_ratio"),
     (lambda p, t: (t / "runs").write_text("not a directory"), "not a directory"),
@@ -288,14 +299,14 @@ def _tiny_task() -> wb.Task:
 
 def test_a_users_task_lists_its_linear_modules_as_targets(tmp_path):
     task = _tiny_task()
-    panel = panel_for(tmp_path, steps=6, task=task)
+    panel = panel_for(tmp_path, steps=6, task=task, rank=2)  # the default target is 8 -> 3: rank at most 3
     linear = [name for name, module in task.base_model().named_modules() if isinstance(module, nn.Linear)]
     assert [group.modules for group in panel.target_groups] == [(name,) for name in linear] == [("0",), ("2.0",),
                                                                                                ("3",)]
     # "0" alone would also select "2.0" (a suffix at a dot): the pattern of layer 0 is the regex of its name only
     assert [pattern for _, pattern in panel.targets.options] == ["^0$", "2.0", "3"]
     assert panel.targets.label == ("other: 3 (8→3)",) and panel.targets.value == ("3",)  # the task's default_targets
-    assert panel.trained.value == "trained in full: none (adapters only)"
+    assert panel.trained.value.startswith("trained in full: none (adapters only)")
     panel.targets.value = ("2.0", "^0$")
     panel.ranks.value = (2,)
     assert panel.launch()
@@ -418,7 +429,7 @@ def test_a_bert_classifiers_groups_leave_its_head_to_train_in_full_and_a_launch_
     }  # no head: the classifier is trained in full (default_train), so it is no target
     assert default == ("query", "value")
     assert "MLP: bert.encoder.layer.*.output.dense (2 × 32→16)" in [label for label, _ in panel.targets.options]
-    assert panel.trained.value == "trained in full: <code>classifier</code> (the task's default)"
+    assert panel.trained.value.startswith("trained in full: <code>classifier</code> (the task's default)")
 
     panel.targets.value = ("key", output)
     assert panel.launch()
@@ -477,4 +488,54 @@ def test_the_reviews_panel_lists_seven_groups_and_trains_the_classifier_in_full(
         "other": [("pooler.dense", 1, (384, 384))],
     }
     assert default == ("query", "key", "value") and panel._settings()[1]["targets"] is None
-    assert panel.trained.value == "trained in full: <code>classifier</code> (the task's default)"
+    assert panel.trained.value.startswith("trained in full: <code>classifier</code> (the task's default)")
+
+
+def test_only_the_ranks_the_chosen_targets_allow_are_offered(tmp_path):
+    panel = panel_for(tmp_path)
+    assert "head (128→10)" in [label for label, _ in panel.targets.options][2]  # each target with its shape
+    assert panel.ranks.options == (1, 2, 4, 8)  # digits' head is 128 -> 10: rank at most 10
+    panel.targets.value = ("fc1", "fc2")
+    assert panel.ranks.options == RANKS and panel.ranks.value == (4,)  # 64 -> 128 and 128 -> 128 allow them all
+    panel.ranks.value = (4, 64)
+    panel.targets.value = ("head",)
+    assert panel.ranks.value == (4,)  # the rank the head cannot take is dropped, the other kept
+    panel.variant.value = "vera"  # VeRA's rank is not limited by the layer (a shared random projection)
+    assert panel.ranks.options == RANKS
+
+
+def test_the_training_settings_reach_the_run_and_the_cli_command_trains_the_same_runs(tmp_path):
+    panel = panel_for(tmp_path, steps=12)
+    panel.variant.value = "lora"
+    panel.options["rslora"].value, panel.options["dropout"].value = True, 0.1
+    panel.ranks.value = (2, 4)
+    for name, value in {"optimizer": "adam", "schedule": "cosine", "warmup_steps": 2, "max_grad_norm": 1.0,
+                        "monitor": "val_acc", "keep_last": 1, "keep_best": 1, "eval_batches": 2}.items():
+        panel.training[name].value = value
+    panel.command_button.click()
+    assert panel.command.layout.display == "" and panel.command.value == panel.command_line()
+    assert panel.last_error is None
+    words = shlex.split(panel.command.value)
+    assert words[:2] == ["workbench", "sweep"]
+    args = build_parser().parse_args(words[1:])  # the CLI's own parser reads it back
+    assert (args.variants, args.ranks, args.lrs, args.seeds, args.steps, args.out) == (
+        ["lora"], [2, 4], [3e-3], [0], 12, tmp_path / "runs")
+    ranks, settings = panel._settings()
+    read = _run_settings(args)
+    assert {name: read[name] for name in settings if name in read} == {
+        name: value for name, value in settings.items() if name in read}
+    assert (read["rslora"], read["dropout"]) == (True, 0.1)
+
+    assert panel.launch()
+    table = panel.wait(TIMEOUT)
+    assert list(table["status"]) == ["finished", "finished"]
+    recorded = wb.run_settings(tmp_path / "runs" / table["run"].iloc[0])
+    assert {key: recorded[key] for key in ("optimizer", "schedule", "warmup_steps", "max_grad_norm", "monitor",
+                                           "keep_last", "keep_best", "eval_batches", "mode")} == {
+        "optimizer": "adam", "schedule": "cosine", "warmup_steps": 2, "max_grad_norm": 1.0, "monitor": "val_acc",
+        "keep_last": 1, "keep_best": 1, "eval_batches": 2, "mode": "max"}
+    assert recorded["options"] == {"rslora": True, "dropout": 0.1, "init": "default"}
+    before = sorted(path.name for path in (tmp_path / "runs").iterdir())
+    assert cli_main(words[1:]) == 0  # the command finds the panel's runs, same settings, finished: nothing to do
+    assert sorted(path.name for path in (tmp_path / "runs").iterdir()) == before
+    assert wb.load_runs(tmp_path / "runs")["wall_time"].tolist() == table["wall_time"].tolist()

@@ -18,9 +18,10 @@ from .adapters import AdapterLayer, adapter_layers, get_variant, variant_names, 
 from .baselines import BASELINES
 from .checkpoints import CheckpointError, CheckpointManager
 from .claims import check_claims
+from .cli import command_line
 from .compress import LowRankLinear, compress, compressed_ranks
 from .memory import SavedTensors, saved_activations
-from .optim import make_optimizer
+from .optim import OPTIMIZERS, make_optimizer
 from .peft_format import export_peft, import_peft
 from .report import write_report
 from .runs import (
@@ -52,7 +53,7 @@ from .runs import (
 from .svd import match_ranks, reduce_rank
 from .targets import find_targets
 from .tasks import Task
-from .trainer import Callback, Trainer, evaluate, evaluate_task
+from .trainer import PRECISIONS, SCHEDULES, Callback, Trainer, evaluate, evaluate_task
 
 
 def __getattr__(name: str) -> object:
@@ -68,6 +69,10 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "OPTIMIZERS",
+    "PRECISIONS",
+    "SCHEDULES",
+    "command_line",
     "BASELINES",
     "VARIANTS",
     "AdapterConfig",

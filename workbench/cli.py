@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -20,8 +21,10 @@ from .baselines import BASELINES, is_baseline
 from .checkpoints import CheckpointError
 from .claims import check_claims
 from .distributed import torchrun_group
+from .optim import OPTIMIZERS
 from .report import write_report
 from .runs import (
+    EXPORT_FORMATS,
     best_checkpoint,
     compress_task,
     effective_rank,
@@ -41,6 +44,7 @@ from .runs.executors import EXECUTORS, MissingExtraError
 from .runs.search import PRUNERS
 from .runs.sweep import SEARCHES
 from .save_interval import AUTO, parse_duration
+from .selection import metric_mode
 from .tasks import TASKS, Task, causal_lm, get_task, text_classification
 from .trainer import PRECISIONS, SCHEDULES, Callback, Trainer
 
@@ -186,7 +190,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train", type=_list_of(str), help="comma-separated modules trained in full next to the "
                         "adapters (a new head, say), as PEFT's modules_to_save, or by the head baseline alone on "
                         "its frozen base (default: the task's, if any)")
-    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd"], help="(default adamw)")
+    parser.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS), help="(default adamw)")
     parser.add_argument("--eval-every", type=_positive_int, default=50, help="validate every K steps (default 50)")
     parser.add_argument("--save-every", type=_interval, default=50, help="checkpoint every K steps (default 50), or "
                         "auto: Young/Daly's interval from the measured write time and --mtbf")
@@ -197,6 +201,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--monitor", default="val_loss", choices=MONITORS,
                         help="validation metric that ranks checkpoints (default val_loss, lower is better; "
                         "val_acc: higher; val_ppl, the perplexity of a language-model task: lower)")
+    parser.add_argument("--mode", choices=["min", "max"], help="whether a lower or a higher --monitor is better "
+                        "(default: max for val_acc, else min)")
     parser.add_argument("--schedule", default="constant", choices=SCHEDULES,
                         help="learning-rate schedule after the warmup: constant (default), or linear or cosine "
                         "decay to 0 at the last step")
@@ -241,13 +247,70 @@ def _run_settings(args: argparse.Namespace) -> dict[str, Any]:
     settings = {
         "alpha": args.alpha, "targets": args.targets, "train": args.train, "optimizer": args.optimizer,
         "eval_every": args.eval_every, "save_every": args.save_every, "mtbf": args.mtbf, "keep_last": args.keep_last,
-        "keep_best": args.keep_best, "monitor": args.monitor,
+        "keep_best": args.keep_best, "monitor": args.monitor, "mode": args.mode,
         "schedule": args.schedule, "warmup_steps": args.warmup_steps, "max_grad_norm": args.max_grad_norm,
         "accumulate": args.accumulate, "precision": args.precision, "eval_batches": args.eval_batches,
         "progress_bar": not args.quiet,
     }
     options = {name: getattr(args, name) for _, name, _ in option_flags() if getattr(args, name, None) is not None}
     return settings | options
+
+
+RUN_FLAG_DEFAULTS = {"optimizer": "adamw", "eval_every": 50, "save_every": 50, "monitor": "val_loss",
+                     "schedule": "constant", "warmup_steps": 0, "accumulate": 1, "precision": "float32"}
+
+
+def _flag_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def command_line(task: str | Task, variant: str, ranks: Sequence[int | None], out: str | os.PathLike[str],
+                 *, lr: float, seed: int, steps: int, **settings: Any) -> str:
+    """The ``workbench sweep`` command that trains these runs, as a shell line: "copy as CLI command".
+
+    The runs are one per rank, in ``out / wb.trial_name(variant, rank, lr, seed)``, the directories
+    the workbench panel and ``wb.sweep`` give them, so the command resumes or repeats the panel's
+    runs. ``settings`` are ``wb.Run``'s keywords (alpha, targets, eval_every, save_every, mtbf,
+    monitor, mode, keep_last, schedule, ..., the variant's options); None and the CLI's defaults
+    are left out. Arguments are quoted for a POSIX shell.
+
+    Raises:
+        ValueError: a task that is neither built in nor made from files (its data is in memory), or
+            a setting the command line has no flag for.
+    """
+    if isinstance(task, str) or task.name in TASKS and task.source is None:
+        words = ["--task", task if isinstance(task, str) else task.name]
+    elif task.source is not None and task.source.get("kind") in ("text_classification", "causal_lm"):
+        source = task.source
+        words = ["--model", source["model"], "--data", source["data"]]
+        if source["kind"] == "causal_lm":
+            words += ["--objective", "causal-lm", "--block-size", source["block_size"]]
+        else:
+            words += ["--text-column", source["text"], "--label-column", source["label"]]
+    else:
+        raise ValueError(f"task {task.name!r} is not built in and its data is not a file: the command line cannot "
+                         "name it (write the data to a CSV or JSONL file and use wb.tasks.text_classification on it)")
+    words = ["workbench", "sweep", "--variants", variant, *words]
+    chosen = [rank for rank in ranks if rank is not None]
+    if chosen:
+        words += ["--ranks", _flag_value(chosen)]
+    words += ["--lrs", _flag_value(float(lr)), "--seeds", seed, "--steps", steps, "--out", out]
+    options = option_flags()
+    flags = {name: flag for flag, name, _ in options}
+    known = set(RUN_FLAG_DEFAULTS) | {"alpha", "targets", "train", "mtbf", "keep_last", "keep_best", "mode",
+                                      "max_grad_norm", "eval_batches", "device"}
+    for name, value in settings.items():
+        if name in flags and isinstance(value, bool):  # --rslora, --no-<name>: the switch that sets this value
+            words += [f for f, n, keywords in options if n == name and keywords["action"] == f"store_{value}".lower()]
+        elif name in flags:
+            words += [flags[name], _flag_value(value)]
+        elif name not in known:
+            raise ValueError(f"the command line has no flag for the setting {name!r}")
+        elif value is not None and value != RUN_FLAG_DEFAULTS.get(name, object()):
+            words += ["--" + name.replace("_", "-"), _flag_value(value)]
+    return shlex.join(str(word) for word in words)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -334,10 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
     best.add_argument("--metric", default="val_loss", choices=MONITORS, help="(default val_loss)")
     best.add_argument("--mode", choices=["min", "max"], help="default: max for val_acc, else min")
 
-    export = commands.add_parser("export", help="export a checkpoint as an adapter (PEFT format)")
+    export = commands.add_parser("export", help="export a checkpoint: its adapter in PEFT's format, or the model "
+                                 "with the adapters merged into its weights")
     export.add_argument("checkpoint", type=Path, help="a checkpoint directory of a run (see workbench best)")
-    export.add_argument("--format", default="peft", choices=["peft"], help="(default peft)")
-    export.add_argument("--to", required=True, type=Path, help="the adapter directory to write")
+    export.add_argument("--format", default="peft", choices=list(EXPORT_FORMATS), help="; ".join(
+        f"{name}: {about}" for name, about in EXPORT_FORMATS.items()) + " (default peft)")
+    export.add_argument("--to", required=True, type=Path, help="the directory to write: a new or empty one")
 
     compressing = commands.add_parser("compress", help="compress the task's pretrained model by truncated SVD and "
                                       "recover by training: three runs side by side in --out (svd, rank-reduced, "
@@ -385,11 +450,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _print_table(table: pd.DataFrame) -> None:
-    columns = ["run", "variant", "rank", "trainable", "best_value", "best_step", "test_acc", "wall_time", "status"]
-    shown = table[[c for c in columns if c in table]]
+    """The runs table, best first when the runs share a monitor, its columns named for what they hold and in what unit.
+
+    ``best <monitor>`` is each run's best validation value over its checkpoints (``best_value``),
+    ``at step`` where it was; ``test_*`` the test metric of that checkpoint; ``wall time (s)``.
+    """
+    if table.empty:
+        print("no runs")
+        return
+    monitors = set(table["monitor"].dropna()) if "monitor" in table else set()
+    best = f"best {monitors.pop()}" if len(monitors) == 1 else "best (of its monitor)"
+    if best != "best (of its monitor)":
+        table = table.sort_values("best_value", ascending=metric_mode(best[5:]) == "min", kind="stable",
+                                  na_position="last")
+    columns = {"run": "run", "variant": "variant", "rank": "rank", "trainable": "trainable", "best_value": best,
+               "best_step": "at step", "test_acc": "test_acc", "test_ppl": "test_ppl", "steps_done": "steps",
+               "wall_time": "wall time (s)", "status": "status"}
+    shown = table[[c for c in columns if c in table]].rename(columns=columns)
     if "rank" in shown:  # a baseline has no rank: "-", and the adapters' ranks stay integers
         shown = shown.assign(rank=["-" if pd.isna(rank) else int(rank) for rank in shown["rank"]])
-    print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}") if len(shown) else "no runs")
+    if "at step" in shown:
+        shown = shown.assign(**{"at step": ["-" if pd.isna(s) else int(s) for s in shown["at step"]]})
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
 
 
 def _print_summary(summary: pd.DataFrame) -> None:
@@ -440,8 +522,10 @@ def _experiment(args: argparse.Namespace) -> None:
     print(f"{total} runs on {EXPERIMENT['task']}: {', '.join(variants)}; seeds {', '.join(map(str, seeds))}; "
           f"{args.steps} steps each", flush=True)
     clock = time.perf_counter()
+    print(f"loading the {EXPERIMENT['task']} model and tokenizing its texts...", end=" ", flush=True)
     get_task(EXPERIMENT["task"])  # built once per process: the model loaded, every text tokenized
     phases = {"load and tokenize": time.perf_counter() - clock}
+    print(f"{phases['load and tokenize']:.0f} s", flush=True)
     clock = time.perf_counter()
     # one run per core, each on one thread: on 2 cores, 1.4x the runs per second of one run on two threads
     parallel = {"executor": "ray", "cpus_per_trial": 1, "progress_bar": True} if (os.cpu_count() or 1) > 1 else \

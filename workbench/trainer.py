@@ -109,6 +109,7 @@ class Trainer:
         seed: seeds the data order and the global RNG at the start of ``fit``; an integer in [0, 2**63 - 1].
         callbacks: ``Callback`` objects.
         progress_bar: show a ``tqdm.auto`` bar (a widget in a notebook, text in a terminal).
+        progress_label: what the bar is called (a run names itself; a sweep says "trial 2/6 <run>").
         device: where to train (``"cpu"``, ``"cuda"``, ``"cuda:1"``): the model is moved there
             first, and every batch; default the model's device (under a process group the model
             is moved there before it is wrapped, e.g. ``cuda:<local rank>``).
@@ -187,7 +188,9 @@ class Trainer:
         precision: str = "float32",
         eval_batches: int | None = None,
         mtbf: float | str | None = None,
+        progress_label: str = "train",
     ) -> None:
+        self.progress_label = progress_label
         self.mtbf = check_save_every(save_every, mtbf)  # seconds, for save_every="auto"; else None
         if self.mtbf is not None and process_group is not None:
             raise ValueError("save_every='auto' measures the write cost on rank 0 alone, so the ranks would save at "
@@ -325,7 +328,7 @@ class Trainer:
                 self._checkpoint_initial_state()
         self.status = "running"
         bar = tqdm(total=self.steps, initial=self.step, disable=not (self.progress_bar and self.is_writer),
-                   desc="train", dynamic_ncols=True)
+                   desc=self.progress_label, dynamic_ncols=True)
         self.model.train()  # once: evaluate() puts the mode back as it found it
         try:
             while self.step < self.steps:

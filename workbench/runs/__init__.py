@@ -13,6 +13,7 @@
 from .compression import compress_task, compression_stages
 from .layout import CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, RunRecord, RunSettings, checkpoints_path, is_run
 from .operations import (
+    EXPORT_FORMATS,
     delete_checkpoint,
     effective_rank,
     evaluate_checkpoint,
@@ -31,6 +32,7 @@ from .tables import best_checkpoint, checkpoint_cost, load_checkpoints, load_met
 __all__ = [
     "CHECKPOINTS_DIR",
     "CONFIG_FILE",
+    "EXPORT_FORMATS",
     "METRICS_FILE",
     "Run",
     "RunRecord",

@@ -79,9 +79,10 @@ def run_trial(task: str | Task, trial: Trial, steps: int, settings: Mapping[str,
 
 
 def run_local(task: str | Task, trials: Sequence[Trial], steps: int, settings: Mapping[str, Any]) -> None:
-    """Run the trials one after another in this process."""
-    for trial in trials:
-        run_trial(task, trial, steps, settings)
+    """Run the trials one after another in this process, each progress bar named "trial i/N <run>"."""
+    for number, trial in enumerate(trials, start=1):
+        label = f"trial {number}/{len(trials)} {trial.path.name}"
+        run_trial(task, trial, steps, {**settings, "progress_label": label})
 
 
 def import_ray() -> ModuleType:
@@ -151,7 +152,8 @@ def run_on_ray(task: str | Task, trials: Sequence[Trial], steps: int, settings: 
         remote = ray.remote(run_trial).options(num_cpus=cpus_per_trial, max_retries=RETRIES)
         running = [remote.remote(task, trial, steps, quiet, cpus_per_trial) for trial in pending]
         errors: list[BaseException] = []
-        bar = tqdm(total=len(running), desc="trials", disable=not settings.get("progress_bar", True))
+        bar = tqdm(total=len(running), desc=f"trials on Ray ({cores} CPUs)",
+                   disable=not settings.get("progress_bar", True))
         try:
             while running:
                 done, running = ray.wait(running, num_returns=1)

@@ -2,8 +2,9 @@
 
 Each rebuilds the run's model from its recorded settings (``layout.build_model``) and loads a
 checkpoint into it, so it works on any run directory, also one written by another process.
-Loading and evaluating work on every run, a baseline's ("full", "head") too; what needs adapters
-(export in PEFT's format, rank reduction, spectra, effective ranks) refuses a baseline run.
+Loading, evaluating and the merged export work on every run, a baseline's ("full", "head") too;
+what needs adapters (export in PEFT's format, rank reduction, spectra, effective ranks) refuses a
+baseline run.
 """
 
 from __future__ import annotations
@@ -14,15 +15,18 @@ from typing import Any
 
 import pandas as pd
 import torch
+from safetensors.torch import save_file, save_model
 from torch import nn
 
 from .. import svd
-from ..adapt import trainable_parameters
+from ..adapt import remove_adapters, trainable_parameters
 from ..baselines import BASELINES, is_baseline
 from ..checkpoints import CheckpointError, CheckpointManager, stages
+from ..checkpoints.files import write_directory
 from ..peft_format import export_peft
 from ..svd import match_ranks, reduce_rank
 from ..tasks import Task, get_task
+from ..tasks.text import transformers_part
 from ..trainer import evaluate_task, held_out_metrics
 from .layout import (
     RunSettings,
@@ -93,18 +97,81 @@ def evaluate_checkpoints(run: str | os.PathLike[str], split: str = "val", task: 
     return pd.DataFrame(rows)
 
 
+EXPORT_FORMATS = {  # export_checkpoint's formats: what each writes
+    "peft": "the adapter in PEFT's format (adapter_config.json, adapter_model.safetensors), for "
+            "PeftModel.from_pretrained on the base model",
+    "merged": "the whole model with the adapters folded into its weights, for transformers' from_pretrained "
+              "where the base came from transformers (model.safetensors, config.json, the tokenizer)",
+}
+HEAD_FILE = "head.safetensors"  # a merged export's parameters outside the transformers model (a new head)
+
+
+def _export_target(to: str | os.PathLike[str]) -> Path:
+    """``to``, refused when it exists and is not an empty directory (nothing is overwritten)."""
+    target = Path(to).expanduser()
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ValueError(f"{target} exists and is not an empty directory: choose a new or empty one")
+    return target
+
+
 def export_checkpoint(checkpoint: str | os.PathLike[str], to: str | os.PathLike[str], format: str = "peft",
                       task: Task | None = None) -> Path:
-    """Export a run's checkpoint as an adapter another tool loads; only ``format="peft"`` for now.
+    """Export a run's checkpoint for another tool to load: its adapter (``"peft"``) or the merged model.
+
+    ``format="merged"`` rebuilds the run's model, folds every adapter into its weight
+    (W <- W + delta W, ``remove_adapters(model, merge=True)``; a baseline's model as trained) and
+    writes a plain model that needs no adapter code:
+
+    - a task on a transformers causal LM (hamlet, ``causal_lm``): ``save_pretrained`` of the model
+      and the task's tokenizer, so ``AutoModelForCausalLM.from_pretrained(to)`` loads it;
+    - a text classifier (reviews, ``text_classification``): the encoder by ``save_pretrained``
+      (``AutoModel.from_pretrained(to)``) with the tokenizer, and the head, which transformers has
+      no class for (mean pooling), in ``head.safetensors`` under its names (``classifier.weight``);
+    - any other model (digits): its state dict in ``model.safetensors``, for
+      ``task.base_model().load_state_dict``.
+
+    ``to`` is written atomically (``write_directory``): after a failure it is absent or complete.
 
     Raises:
-        ValueError: an unknown format, or a baseline's run (it has no adapter to export).
+        ValueError: an unknown format (the message names the valid ones), ``to`` exists and is not
+            an empty directory, a baseline's run in PEFT's format (it has no adapter), or a
+            compressed run merged (its factorised layers are no transformers architecture).
     """
-    if format != "peft":
-        raise ValueError(f"unknown export format {format!r}; valid formats: peft")
-    _settings_of(checkpoint, "there is no adapter to export in PEFT's format")
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {format!r}; valid formats: "
+                         + "; ".join(f"{name}: {about}" for name, about in EXPORT_FORMATS.items()))
+    target = _export_target(to)
+    if format == "peft":
+        _settings_of(checkpoint, "there is no adapter to export in PEFT's format (format='merged' saves its model)")
+        model, _ = load_run_model(checkpoint, task)
+        return export_peft(model, target)
+    settings = read_record(run_of(Path(checkpoint)))["settings"]
+    if settings["compression"]:
+        raise ValueError(f"{checkpoint} is of a compressed model: its factorised layers are no architecture "
+                         "transformers loads; export its adapter (format='peft') or load it with wb.load_run_model")
+    task = task_of(settings, task)
     model, _ = load_run_model(checkpoint, task)
-    return export_peft(model, to)
+    if not is_baseline(settings["variant"]):
+        remove_adapters(model, merge=True)
+    if target.exists():
+        target.rmdir()  # empty (checked): write_directory puts the complete directory in its place
+    write_directory(target, lambda directory: _write_merged(model, task, directory))
+    return target
+
+
+def _write_merged(model: nn.Module, task: Task, directory: Path) -> None:
+    """``export_checkpoint``'s merged files of ``model`` (no adapters left) in ``directory``."""
+    part = transformers_part(model)
+    if part is None:
+        save_model(model, str(directory / "model.safetensors"))
+        return
+    prefix, pretrained = part
+    pretrained.save_pretrained(directory, safe_serialization=True)
+    if task.tokenizer is not None:
+        task.tokenizer.save_pretrained(directory)
+    head = {name: tensor.contiguous() for name, tensor in model.state_dict().items() if not name.startswith(prefix)}
+    if head:
+        save_file(head, str(directory / HEAD_FILE))
 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike[str], split: str = "val", task: Task | None = None

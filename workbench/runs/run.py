@@ -63,6 +63,7 @@ class Run:
         mtbf: with ``save_every="auto"``, the expected time between failures, e.g. ``"4h"`` (see ``wb.Trainer``);
             the record's ``save_plan`` says which interval was chosen and why.
         extend: with ``resume=True``, the run may go on to more ``steps`` than it recorded (``wb.resume_run``).
+        progress_label: the progress bar's name (default the run directory's; a sweep's "trial i/N <run>").
         compression: a compressed base, ``{"ranks": {layer: k}}`` (``wb.compress_task`` writes it; more keys
             may say how the ranks were chosen): the task's base is factorised at those ranks
             (``workbench.compress.factorize``) before adapters go on, e.g. ``targets=["up", "down"]``
@@ -105,6 +106,7 @@ class Run:
         mtbf: float | str | None = None,
         compression: dict[str, Any] | None = None,
         extend: bool = False,
+        progress_label: str | None = None,
         **options: Any,
     ) -> None:
         self.task = get_task(task) if isinstance(task, str) else task
@@ -146,7 +148,8 @@ class Run:
                                    progress_bar=progress_bar, monitor=monitor, process_group=process_group,
                                    device=device, schedule=schedule, warmup_steps=warmup_steps,
                                    max_grad_norm=max_grad_norm, accumulate=accumulate, precision=precision,
-                                   eval_batches=eval_batches, mtbf=mtbf)
+                                   eval_batches=eval_batches, mtbf=mtbf,
+                                   progress_label=progress_label or self.path.name)
         except BaseException:
             self.discard()  # a rejected run leaves nothing behind
             raise

@@ -117,6 +117,21 @@ class CausalLM(nn.Module):
         self.hf.training = self.training
 
 
+def transformers_part(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The transformers model inside a text task's model, and the prefix of its parameters' names there.
+
+    ``CausalLM``: ``("", model.hf)``, its children brought up to date first (every parameter is
+    the transformers model's); ``TextClassifier``: ``("bert.", the encoder)``, the head outside it;
+    any other model: None.
+    """
+    if isinstance(model, CausalLM):
+        model._sync()
+        return "", model.hf
+    if isinstance(model, TextClassifier):
+        return f"{model.prefix}.", getattr(model, model.prefix)
+    return None
+
+
 # -- loading --------------------------------------------------------------------------------------
 
 def weight_files(directory: Path) -> list[Path]:

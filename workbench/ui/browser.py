@@ -67,7 +67,7 @@ class CheckpointBrowser(Panel):
             each layer's effective rank at the energy box's value (``wb.effective_rank``), else None.
         figure: the ``go.FigureWidget`` the spectrum is drawn in; None until the first ``spectrum()``.
         selector, table, stages_table, status, details, load_button, evaluate_button, merge_button, export_to,
-        export_button, delete_button, refresh_button, reduce_mode, reduce_rank, reduce_energy,
+        export_button, merged_button, delete_button, refresh_button, reduce_mode, reduce_rank, reduce_energy,
         reduce_button, spectrum_button, widget: the widgets (``widget`` holds them all; ``details``
         shows the last reduction's or spectrum's table).
 
@@ -121,7 +121,10 @@ class CheckpointBrowser(Panel):
         self.refresh_button = widgets.Button(description="Refresh", icon="refresh", **button)
         self.export_to = widgets.Text(description="export to", placeholder="a new or empty directory",
                                       layout=widgets.Layout(width="460px"))
-        self.export_button = widgets.Button(description="Export (PEFT)", icon="download", **button)
+        self.export_button = widgets.Button(description="Export (PEFT)", icon="download",
+                                            tooltip=wb.runs.EXPORT_FORMATS["peft"], **button)
+        self.merged_button = widgets.Button(description="Save merged model", icon="save",
+                                            tooltip=wb.runs.EXPORT_FORMATS["merged"], **button)
         self.details = widgets.HTML()
         self.reduce_mode = widgets.Dropdown(options=("rank", "energy"), value="rank", description="reduce to",
                                             layout=widgets.Layout(width="180px"))
@@ -139,6 +142,7 @@ class CheckpointBrowser(Panel):
         self.evaluate_button.on_click(catching(self.status, self.evaluate))
         self.merge_button.on_click(catching(self.status, self.merge))
         self.export_button.on_click(catching(self.status, self.export))
+        self.merged_button.on_click(catching(self.status, lambda: self.export(format="merged")))
         self.delete_button.on_click(catching(self.status, self._delete_clicked))
         self.refresh_button.on_click(catching(self.status, self.refresh))
         self.reduce_button.on_click(catching(self.status, self.reduce))
@@ -149,7 +153,7 @@ class CheckpointBrowser(Panel):
             self.summary, self.stages_table, self.table,
             widgets.HBox([self.selector, self.refresh_button]),
             widgets.HBox([self.load_button, self.evaluate_button, self.merge_button, self.delete_button]),
-            widgets.HBox([self.export_to, self.export_button]),
+            widgets.HBox([self.export_to, self.export_button, self.merged_button]),
             widgets.HBox([self.reduce_mode, self.reduce_rank, self.reduce_energy, self.reduce_button,
                           self.spectrum_button]),
             self.status, self.details, self._figure_box,
@@ -308,12 +312,14 @@ class CheckpointBrowser(Panel):
                           f"validation batch of {len(inputs)} = {difference:.3g}")
         return difference
 
-    def export(self, to: str | os.PathLike[str] | None = None) -> Path:
-        """Export the selected checkpoint in peft's format (``wb.export_checkpoint``) to ``to``, default the
-        directory typed in ``export_to``; returns the directory.
+    def export(self, to: str | os.PathLike[str] | None = None, format: str = "peft") -> Path:
+        """Export the selected checkpoint (``wb.export_checkpoint``) to ``to``, default the directory typed
+        in ``export_to``: its adapter in peft's format, or with ``format="merged"`` the merged model
+        (the "Save merged model" button). Returns the directory.
 
         Raises:
-            ValueError: no directory given, or it exists and is not empty.
+            ValueError: no directory given, or as ``wb.export_checkpoint`` (a directory that is not
+                new or empty, a format that does not fit the run).
         """
         path = self._selected()
         if to is not None:
@@ -321,15 +327,12 @@ class CheckpointBrowser(Panel):
         typed = self.export_to.value.strip()
         if not typed:
             raise ValueError("type the directory to export to in the 'export to' box")
-        target = Path(typed).expanduser()
-        if target.exists() and (not target.is_dir() or any(target.iterdir())):
-            raise ValueError(f"{target} exists and is not an empty directory: choose a new or empty one")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            out = wb.export_checkpoint(path, target, task=self.task)
+            out = wb.export_checkpoint(path, Path(typed).expanduser(), format, task=self.task)
         notes = "".join(f" Note: {w.message}" for w in caught)
-        show(self.status, f"exported {path.name} of {self._run_of(path).name} to {out} "
-                          f"(adapter_config.json, adapter_model.safetensors).{notes}")
+        files = ", ".join(sorted(file.name for file in out.iterdir()))
+        show(self.status, f"exported {path.name} of {self._run_of(path).name} ({format}) to {out}: {files}.{notes}")
         return out
 
     def delete(self) -> None:

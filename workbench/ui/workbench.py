@@ -45,6 +45,7 @@ SERIES = wb.plots.LIVE_SERIES  # what the figure shows of each run, in the order
 LOGGED = (*SERIES[:3], "val ppl")  # the series a run's curves keep: "<split> <metric>" of its metrics log
 PERPLEXITY_HOVER = "step %{x}<br>val loss %{y:.4f}<br>val ppl %{customdata:.4g}<extra>%{fullData.name}</extra>"
 _WIDE = {"description_width": "initial"}
+NONE_AT_ZERO = ("max_grad_norm", "eval_batches", "keep_last", "keep_best")  # 0 in the box: the library's None
 
 
 def option_control(name: str, option: wb.adapters.Option) -> widgets.ValueWidget:
@@ -297,6 +298,15 @@ class Workbench(Panel):
             line per part the modules play, e.g. "attention: query (6 × 384→384)"; its values are
             the groups' patterns, passed as ``targets=`` (the task's default targets chosen at first,
             and passed as None, the task's default, while chosen).
+            ``ranks`` offers only the ranks every chosen target allows (at most min(in, out) of each
+            layer, for a variant whose rank is so limited), and changes with the targets.
+        training: the trainer's other settings by ``wb.Run`` keyword (optimizer, schedule,
+            warmup_steps, max_grad_norm, accumulate, precision, eval_batches, monitor, mode,
+            keep_last, keep_best), in a folded section, each with a tooltip; 0 in a box of
+            ``NONE_AT_ZERO`` passes None (no clipping, the whole split, keep all, none kept by rank).
+            Bad values (a learning rate <= 0, 0 steps) are refused by the library with its message
+            in the status line, never clamped.
+        command_button, command: "Copy as CLI command" shows ``command_line()`` in the text box.
         target_groups: the ``TargetGroup`` s the targets control lists, in its order.
         trained: what is trained in full next to the adapters: the task's ``default_train`` (a new
             classification head), which ``wb.Run`` uses when the panel passes no ``train``.
@@ -334,26 +344,34 @@ class Workbench(Panel):
         self.variant = widgets.Dropdown(options=(*variants, *wb.BASELINES), value=variants[0], description="variant",
                                         tooltip="an adapter variant, or a baseline: " + "; ".join(
                                             f"{name}, {about}" for name, about in wb.BASELINES.items()))
-        self.ranks = widgets.SelectMultiple(options=RANKS, value=(8,), rows=len(RANKS), description="rank(s)")
-        self.alpha = widgets.FloatText(value=0.0, description="alpha (0 = rank)", style=_WIDE)
-        self.lr = widgets.BoundedFloatText(value=3e-3, min=1e-6, max=1.0, step=1e-4, description="learning rate",
-                                           style=_WIDE)
-        self.steps = widgets.BoundedIntText(value=300, min=1, max=10**7, description="steps")
-        self.eval_every = widgets.BoundedIntText(value=50, min=1, max=10**7, description="evaluate every", style=_WIDE)
-        self.save_every = widgets.BoundedIntText(value=50, min=1, max=10**7, description="checkpoint every",
-                                                 style=_WIDE)
+        self.ranks = widgets.SelectMultiple(options=RANKS, value=(8,), rows=len(RANKS), description="rank(s)",
+                                            tooltip="one run per chosen rank; only ranks every chosen target allows "
+                                            "(at most min(in, out) of each) are offered")
+        self.alpha = widgets.FloatText(value=0.0, description="alpha (0 = rank)", style=_WIDE,
+                                       tooltip="the update's scale is alpha / rank (LoRA's alpha); 0: alpha = rank")
+        self.lr = widgets.FloatText(value=3e-3, step=1e-4, description="learning rate", style=_WIDE,
+                                    tooltip="the optimizer's learning rate, a number > 0")
+        self.steps = widgets.IntText(value=300, description="steps", tooltip="optimizer steps per run, >= 1")
+        self.eval_every = widgets.IntText(value=50, description="evaluate every", style=_WIDE,
+                                          tooltip="validate every this many steps, >= 1")
+        self.save_every = widgets.IntText(value=50, description="checkpoint every", style=_WIDE,
+                                          tooltip="save a checkpoint every this many steps, >= 1")
         self.mtbf = widgets.Text(value="", placeholder="e.g. 4h", description="MTBF", style=_WIDE,
                                  tooltip="the expected time between failures (4h, 30m, or seconds): checkpoints are "
                                  "then spaced by Young/Daly's rule from their measured write time "
                                  "(save_every='auto'); empty: every 'checkpoint every' steps")
-        self.seed = widgets.BoundedIntText(value=0, min=0, max=2**31 - 1, description="seed")
+        self.seed = widgets.IntText(value=0, description="seed",
+                                    tooltip="seeds the data split and order, the adapters' init and dropout")
         self.targets = widgets.SelectMultiple(
             options=[(group.label, group.pattern) for group in self.target_groups], value=self._default_targets,
-            rows=min(len(self.target_groups), 12), description="targets", layout=widgets.Layout(width="auto"),
+            rows=max(4, min(len(self.target_groups), 12)), description="targets",
+            layout=widgets.Layout(width="auto", min_width="300px"),
             tooltip="each line a pattern (wb.find_targets) and the modules it adapts: how many, in→out features")
+        self.training = self._training_controls()
         trained = ", ".join(f"<code>{html.escape(name)}</code>" for name in self.task.default_train or ())
-        self.trained = widgets.HTML(f"trained in full: {trained} (the task's default)" if trained else
-                                    "trained in full: none (adapters only)")
+        self.trained = widgets.HTML((f"trained in full: {trained} (the task's default)" if trained else
+                                     "trained in full: none (adapters only)")
+                                    + f"<br>batch size {self.task.batch_size} (the task's)")
         first: dict[str, wb.adapters.Option] = {}  # each option as the first variant that has it defines it
         for variant in variants:
             for name, option in wb.variant_options(variant).items():
@@ -366,13 +384,33 @@ class Workbench(Panel):
         self.progress = widgets.IntProgress(value=0, min=0, max=1, description="progress")
         self.figure = go.FigureWidget(wb.plots.live_runs([]))  # a launch puts its runs' traces in (_reset_figure)
 
-        settings = widgets.VBox([self.variant, self.alpha, *self.options.values(), self.lr, self.seed])
-        schedule = widgets.VBox([self.steps, self.eval_every, self.save_every, self.mtbf, self.ranks])
+        self.command_button = widgets.Button(description="Copy as CLI command", icon="terminal",
+                                             layout=widgets.Layout(width="auto"),
+                                             tooltip="the workbench sweep command that trains these runs")
+        self.command = widgets.Textarea(value="", layout=widgets.Layout(width="100%", display="none"), rows=3,
+                                        description="CLI", tooltip="select and copy; it trains the same runs in the "
+                                        "same directories")
+
+        def column() -> widgets.Layout:
+            return widgets.Layout(min_width="300px", margin="0 12px 0 0")
+
+        settings = widgets.VBox([self.variant, self.alpha, *self.options.values(), self.lr, self.seed],
+                                layout=column())
+        schedule = widgets.VBox([self.steps, self.eval_every, self.save_every, self.mtbf, self.ranks], layout=column())
         header = widgets.HTML(f"<b>Adapter workbench</b>: task <code>{html.escape(self.task.name)}</code>, "
                               f"runs in <code>{html.escape(str(self.runs_dir))}</code>")
+        advanced = widgets.Accordion(children=[widgets.Box(list(self.training.values()),
+                                                           layout=widgets.Layout(flex_flow="row wrap"))])
+        advanced.set_title(0, "training: optimizer, schedule, checkpoints kept, monitor, precision")
+        advanced.selected_index = None
         self.widget = widgets.VBox([
-            header, widgets.HBox([settings, schedule, widgets.VBox([self.targets, self.trained])]),
-            widgets.HBox([self.launch_button, self.stop_button, self.progress]), self.status, self.figure,
+            header,
+            widgets.Box([settings, schedule, widgets.VBox([self.targets, self.trained])],
+                        layout=widgets.Layout(flex_flow="row wrap")),
+            advanced,
+            widgets.Box([self.launch_button, self.stop_button, self.command_button, self.progress],
+                        layout=widgets.Layout(flex_flow="row wrap")),
+            self.command, self.status, self.figure,
         ])
 
         self._thread: threading.Thread | None = None
@@ -382,9 +420,62 @@ class Workbench(Panel):
         self._stop_requested = threading.Event()
         self._last_draw = 0.0
         self.variant.observe(lambda _: self._show_variant_controls(), names="value")
+        self.targets.observe(lambda _: self._offer_ranks(), names="value")
+        self.command_button.on_click(catching(self.status, self.show_command, self._keep_error))
         self.launch_button.on_click(catching(self.status, self.launch, self._keep_error))
         self.stop_button.on_click(catching(self.status, self.stop, self._keep_error))
         self._show_variant_controls()
+
+    def _training_controls(self) -> dict[str, widgets.ValueWidget]:
+        """The trainer's settings beyond the schedule, by ``wb.Run`` keyword, each with what it does as its tooltip.
+
+        Their first values are ``wb.Run``'s defaults; a box of ``NONE_AT_ZERO`` at 0 passes None.
+        """
+        box = {"style": _WIDE, "layout": widgets.Layout(width="260px")}
+        monitors = ["val_loss", "val_acc", *(["val_ppl"] if self.task.perplexity else [])]
+        return {
+            "optimizer": widgets.Dropdown(options=list(wb.OPTIMIZERS), value="adamw", description="optimizer",
+                                          tooltip="the optimizer of the trained parameters", **box),
+            "schedule": widgets.Dropdown(options=list(wb.SCHEDULES), value="constant", description="lr schedule",
+                                         tooltip="after the warmup: constant, or linear or cosine decay to 0 at the "
+                                         "last step", **box),
+            "warmup_steps": widgets.IntText(value=0, description="warmup steps",
+                                            tooltip="steps of linear warmup from 0 to the learning rate", **box),
+            "max_grad_norm": widgets.FloatText(value=0.0, description="clip grad norm (0 = off)",
+                                               tooltip="clip the gradient's total 2-norm to this before each step",
+                                               **box),
+            "accumulate": widgets.IntText(value=1, description="accumulate",
+                                          tooltip=f"micro-batches of {self.task.batch_size} (the task's batch size) "
+                                          "per optimizer step", **box),
+            "precision": widgets.Dropdown(options=list(wb.PRECISIONS), value="float32", description="precision",
+                                          tooltip="float32, or bf16: forward and loss under bf16 autocast, the "
+                                          "parameters float32", **box),
+            "eval_batches": widgets.IntText(value=0, description="eval batches (0 = all)",
+                                            tooltip="validate on the first K batches of the validation split", **box),
+            "monitor": widgets.Dropdown(options=monitors, value="val_loss", description="monitor",
+                                        tooltip="the validation metric that ranks checkpoints and picks the best",
+                                        **box),
+            "mode": widgets.Dropdown(options=[("auto", None), ("min", "min"), ("max", "max")], value=None,
+                                     description="mode", tooltip="whether lower or higher monitor is better; auto: "
+                                     "higher for an accuracy, else lower", **box),
+            "keep_last": widgets.IntText(value=0, description="keep last (0 = all)",
+                                         tooltip="keep the newest K checkpoints, delete older ones", **box),
+            "keep_best": widgets.IntText(value=0, description="keep best (0 = off)",
+                                         tooltip="also keep the K best checkpoints by the monitor", **box),
+        }
+
+    def _offer_ranks(self) -> None:
+        """Offer only the ranks every chosen target allows: at most min(in, out) of each, for a rank-limited variant."""
+        variant = self.variant.value
+        chosen = [group for group in self.target_groups if group.pattern in self.targets.value]
+        limited = variant not in wb.BASELINES and wb.get_variant(variant).rank_limited and chosen
+        limit = min(min(group.features) for group in chosen) if limited else max(RANKS)
+        offered = tuple(rank for rank in RANKS if rank <= limit) or (min(RANKS),)
+        if tuple(self.ranks.options) != offered:
+            kept = tuple(rank for rank in self.ranks.value if rank in offered)
+            self.ranks.options = offered
+            self.ranks.value = kept or (min(8, max(offered)),)
+            self.ranks.rows = len(offered)
 
     # -- display ------------------------------------------------------------------------------
 
@@ -409,6 +500,7 @@ class Workbench(Panel):
             edited = control.value != self._untouched[name]
             if not edited or (option.choices is not None and control.value not in option.choices):
                 control.value = self._untouched[name] = option.default
+        self._offer_ranks()
 
     def _keep_error(self, message: str) -> None:
         """A button's action failed (``catching`` shows it in the status line): keep it in ``last_error`` too."""
@@ -478,6 +570,8 @@ class Workbench(Panel):
         variant = self.variant.value
         shared = {"lr": float(self.lr.value), "steps": self.steps.value, "eval_every": self.eval_every.value,
                   "save_every": self.save_every.value, "seed": self.seed.value}
+        for name, control in self.training.items():  # wb.Run checks them all, naming what is wrong
+            shared[name] = None if name in NONE_AT_ZERO and control.value == 0 else control.value
         if self.mtbf.value.strip():  # the interval from the measured write time and this MTBF
             shared |= {"save_every": "auto", "mtbf": self.mtbf.value.strip()}
         if variant in wb.BASELINES:
@@ -500,6 +594,21 @@ class Workbench(Panel):
             "targets": None if tuple(targets) == self._default_targets else targets, **shared, **options,
         }
         return ranks, settings
+
+    def command_line(self) -> str:
+        """The ``workbench sweep`` command that trains the chosen runs in the panel's directories (``wb.command_line``).
+
+        Raises:
+            ValueError: a setting the panel refuses, or a task the command line cannot name.
+        """
+        ranks, settings = self._settings()
+        return wb.command_line(self.task, self.variant.value, ranks, self.runs_dir, **settings)
+
+    def show_command(self) -> str:
+        """Show ``command_line()`` in the box below the buttons, to select and copy; returns it."""
+        self.command.value = self.command_line()
+        self.command.layout.display = ""
+        return self.command.value
 
     def _build_runs(self) -> list[wb.Run]:
         """One ``wb.Run`` per chosen rank; on any error, the directories made so far are removed again (``discard``)."""
