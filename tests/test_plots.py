@@ -278,3 +278,28 @@ def test_validation_bands_refuse_an_unknown_band():
     runs, metrics = curves()
     with pytest.raises(ValueError, match="'range'.*'interval'"):
         plots.validation_bands(runs, metrics, band="sd")
+
+
+def test_a_variant_has_one_colour_and_a_rank_one_dash_in_every_figure_of_the_runs(tmp_path):
+    wb.sweep("digits", ["lora", "vera"], [1, 4], 4, tmp_path, eval_every=2, save_every=2, progress_bar=False)
+    runs, metrics = wb.load_runs(tmp_path), wb.load_metrics(tmp_path)
+    variant_of = dict(zip(runs["run"], runs["variant"], strict=True))
+    rank_of = dict(zip(runs["run"], runs["rank"], strict=True))
+    seen: dict[str, set[str]] = {}
+    dashes: dict[int, set[str]] = {}
+    for figure in (plots.validation_curves(metrics), plots.training_loss(metrics)):
+        for line in figure.data:
+            seen.setdefault(variant_of[line.name], set()).add(line.line.color)
+            dashes.setdefault(rank_of[line.name], set()).add(line.line.dash)
+        assert figure.layout.yaxis.type == "log"  # losses, all positive
+    for figure in (plots.best_by_variant_and_rank(runs), plots.parameters_vs_metric(runs)):
+        for trace_ in figure.data:
+            seen.setdefault(trace_.name, set()).add(trace_.marker.color)
+    for line in plots.validation_bands(runs, metrics).data:
+        if line.fill is None:  # the mean lines, named "<variant> r<rank> lr=... (1 seed)"
+            seen.setdefault(line.name.split()[0], set()).add(line.line.color)
+    assert seen == {"lora": {plots.variant_color("lora")}, "vera": {plots.variant_color("vera")}}
+    assert plots.variant_color("lora") != plots.variant_color("vera")
+    assert dashes == {1: {"solid"}, 4: {"dot"}}
+    accuracy = plots.validation_curves(metrics, metric="acc")
+    assert accuracy.layout.yaxis.type is None and not accuracy.layout.updatemenus  # an accuracy stays linear

@@ -204,6 +204,55 @@ def test_browser_delete_removes_the_directory_and_the_row(scratch, no_callback_e
     assert len(browser.checkpoints) == 11 and f"deleted {doomed}" in status(browser)
 
 
+def test_browser_filters_by_run_sorts_best_first_and_selects_the_best_by_click(runs, no_callback_errors):
+    browser = CheckpointBrowser(runs)
+    metrics = recorded(runs)
+    lora = run_dir(runs, "lora", 2)
+    browser.run_filter.value = lora.name
+    listed = recorded(lora)["path"].tolist()
+    assert [path for _, path in browser.selector.options] == listed == [k for _, k in table_rows(browser.table.value)]
+    assert browser.selector.value in listed  # the best is of another run: a checkpoint of this one is selected
+    browser.run_filter.value = ""
+    browser.sort_by.value = "best"
+    by_loss = metrics.sort_values("val_loss", kind="stable")["path"].tolist()
+    assert [key for _, key in table_rows(browser.table.value)] == by_loss  # the best on the first row
+    assert f"val_loss {metrics['val_loss'].min():.4g}" in browser.summary.value  # and named above the table
+    browser.select(listed[0])
+    browser.best_button.click()
+    assert browser.selector.value == str(browser.best) == by_loss[0]
+    browser.sort_by.value = "step"
+    steps = [int(Path(key).name.split("-")[1]) for _, key in table_rows(browser.table.value)]
+    assert steps == sorted(steps)
+
+
+def test_browser_keeps_every_evaluation_and_clears_the_views_of_another_checkpoint(runs, no_callback_errors):
+    browser = CheckpointBrowser(runs)
+    first = browser.select(str(run_dir(runs, "lora", 4) / "checkpoints" / "step-00000020"))
+    browser.evaluate()
+    browser.spectrum()
+    assert browser._figure_box.children == (browser.figure,) and "effective rank" in browser.details.value
+    second = browser.select(str(run_dir(runs, "vera", 2) / "checkpoints" / "step-00000030"))
+    assert browser._figure_box.children == () and browser.details.value == "" and browser.shown_spectrum is None
+    browser.evaluate()
+    browser.select(first)
+    browser.evaluate()  # again: its row is replaced, not repeated
+    assert browser.evaluations["path"].tolist() == [str(second), str(first)]
+    for path in (first, second):
+        expected = wb.evaluate_checkpoint(path, "val")["val_loss"]
+        row = browser.evaluations.set_index("path").loc[str(path)]
+        assert row["val_loss"] == expected and f"{expected:.4g}" in browser.evaluations_table.value
+
+
+def test_browser_delete_selects_the_next_checkpoint_not_the_best(scratch, no_callback_errors):
+    browser = CheckpointBrowser(scratch)
+    listed = [path for _, path in browser.selector.options]
+    doomed = next(path for path in listed[:-1] if path != str(browser.best) and listed[listed.index(path) + 1]
+                  != str(browser.best))
+    browser.select(doomed)
+    browser.delete()
+    assert browser.selector.value == listed[listed.index(doomed) + 1] != str(browser.best)
+
+
 def test_browser_delete_while_another_manager_holds_the_lock_shows_the_error(scratch, no_callback_errors):
     checkpoints = run_dir(scratch, "lora", 4) / "checkpoints"
     with wb.CheckpointManager(checkpoints) as writer:
@@ -377,9 +426,35 @@ def test_compare_filters_and_draws_the_logged_validation_curves(runs, no_callbac
     markers = {t.name: list(t.x) for t in figure.data if t.mode == "markers"}
     assert markers == {f"{run} checkpoints": [10, 20, 30] for run in compare.runs.value}
 
-    shown = table_rows(compare.table.value)
-    summary = wb.load_runs(runs).set_index("run").loc[[key for _, key in shown]]
-    assert summary["trainable"].is_monotonic_increasing and len(shown) == 2
+    shown = [key for _, key in table_rows(compare.table.value)]
+    checkpoints = recorded(runs).assign(run=lambda t: t["path"].map(lambda p: Path(p).parent.parent.name))
+    best_acc = checkpoints[checkpoints["run"].isin(compare.runs.value)].groupby("run")["val_acc"].max()
+    assert shown == list(best_acc.sort_values(ascending=False, kind="stable").index)  # best first by the metric
+    assert compare.run_summary()["lr"].tolist() == [0.01, 0.01]
+
+    assert [value for _, value in compare.lrs.options] == [0.01]
+    compare.lrs.value = ()
+    assert compare.runs.options == ()  # the lr filter passes no run
+    compare.lrs.value = (0.01,)
+    assert len(compare.runs.options) == 2
+
+
+def test_compare_exports_and_opens_the_picked_best(runs, tmp_path, no_callback_errors):
+    compare = Compare(runs)
+    compare.export_button.click()
+    assert "pick the best first" in status(compare)
+    best = compare.pick_best()
+    compare.export_to.value, compare.export_format.value = str(tmp_path / "merged"), "merged"
+    compare.export_button.click()
+    assert [path.name for path in (tmp_path / "merged").iterdir()] == ["model.safetensors"]
+    plain = wb.tasks.get_task("digits").base_model()
+    from safetensors.torch import load_model
+    load_model(plain, tmp_path / "merged" / "model.safetensors")
+    reference, _ = wb.load_run_model(best)
+    torch.testing.assert_close(outputs(plain, val_batch()), outputs(reference, val_batch()), rtol=1e-5, atol=1e-5)
+    compare.open_button.click()
+    assert compare.browser is not None and compare.browser.selector.value == str(best)
+    assert compare._browser_box.children == (compare.browser.widget,)
 
 
 def test_compare_shows_the_pareto_fronts_and_lr_sensitivity_of_the_chosen_configurations(runs, no_callback_errors):

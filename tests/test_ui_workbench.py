@@ -183,10 +183,12 @@ def test_two_ranks_make_two_runs(tmp_path):
     assert len(panel.figure.data) == 8
     for name in names:
         assert len(trace(panel, f"{name} train loss").x) == 20
-    expected = wb.plots.live_runs(names)  # the panel's figure is plots', its points filled in
+    expected = wb.plots.live_runs(names, ["lora", "lora"], [2, 8])  # the panel's figure is plots', filled in
     assert [t.name for t in panel.figure.data] == [t.name for t in expected.data]
-    assert [(t.xaxis, t.mode, t.line.color, t.marker.color) for t in panel.figure.data] == [
-        (t.xaxis, t.mode, t.line.color, t.marker.color) for t in expected.data]
+    assert [(t.xaxis, t.mode, t.line.color, t.line.dash, t.marker.color) for t in panel.figure.data] == [
+        (t.xaxis, t.mode, t.line.color, t.line.dash, t.marker.color) for t in expected.data]
+    assert {t.line.color for t in panel.figure.data if t.mode == "lines"} == {wb.plots.variant_color("lora")}
+    assert trace(panel, f"{names[0]} val loss").line.dash != trace(panel, f"{names[1]} val loss").line.dash
     assert panel.figure.layout.title.text == expected.layout.title.text
 
 

@@ -123,6 +123,28 @@ def _series(metrics: pd.DataFrame, split: str, metric: str, runs: Sequence[str] 
     return rows.sort_values(["run", "step"], kind="stable")
 
 
+def _log_axis(figure: go.Figure, values: pd.Series) -> go.Figure:
+    """A loss's y axis: logarithmic where every value is positive (a spike does not flatten the rest), with
+    buttons to switch between log and linear."""
+    log = bool(len(values)) and bool((pd.to_numeric(values, errors="coerce") > 0).all())
+    figure.update_yaxes(type="log" if log else "linear")
+    buttons = [{"label": label, "method": "relayout", "args": [{"yaxis.type": label}]} for label in ("log", "linear")]
+    figure.update_layout(updatemenus=[{"type": "buttons", "direction": "left", "buttons": buttons, "x": 1.0,
+                                       "xanchor": "right", "y": 1.12, "yanchor": "bottom", "showactive": True,
+                                       "active": 0 if log else 1}])
+    return figure
+
+
+def _run_lines(series: pd.DataFrame) -> dict[str, dict[str, str]]:
+    """Each run's line style: its variant's colour and its rank's dash where the table names them
+    (``load_metrics`` does), else the palette in turn by run name."""
+    runs = series.drop_duplicates("run").sort_values("run")
+    if {"variant", "rank"} <= set(series.columns):
+        return {row.run: {"color": variant_color(row.variant), "dash": rank_dash(row.rank, runs["rank"])}
+                for row in runs.itertuples()}
+    return {run: {"color": run_color(index)} for index, run in enumerate(runs["run"])}
+
+
 def validation_curves(
     metrics: pd.DataFrame,
     metric: str = "loss",
@@ -134,7 +156,9 @@ def validation_curves(
     """One line per run: the logged ``split`` ``metric`` (default the validation loss) against the step.
 
     Args:
-        metrics: ``load_metrics``' table: run, step, split, metric, value.
+        metrics: ``load_metrics``' table: run, step, split, metric, value; with its variant and
+            rank columns each run's line has its variant's colour and its rank's dash (else the
+            palette in turn). A loss (lower is better) is drawn on a log axis, with a log/linear toggle.
         metric: the metric's logged name, e.g. ``"loss"`` or ``"acc"``.
         split: ``"val"`` (every evaluation), or ``"train"``.
         runs: the runs to draw, by name; default all.
@@ -150,11 +174,12 @@ def validation_curves(
     if checkpoints is not None:
         require_columns(checkpoints, ("run", "step"), "checkpoints")
     label = f"{split} {metric}"
+    lines = _run_lines(series)
     figure = go.Figure()
-    for index, (run, points) in enumerate(series.groupby("run", sort=True)):
-        color = run_color(index)
+    for run, points in series.groupby("run", sort=True):
+        color = lines[run]["color"]
         figure.add_trace(go.Scatter(
-            x=points["step"], y=points["value"], mode="lines", name=run, legendgroup=run, line={"color": color},
+            x=points["step"], y=points["value"], mode="lines", name=run, legendgroup=run, line=lines[run],
             hovertemplate=f"%{{fullData.name}}<br>step %{{x}}<br>{label} %{{y:.4g}}<extra></extra>",
         ))
         if checkpoints is not None:
@@ -174,14 +199,16 @@ def validation_curves(
     title = f"{label.capitalize()} against step" + (" (markers: checkpoints)" if checkpoints is not None else "")
     figure.update_layout(title=title, xaxis_title="step", yaxis_title=label, legend_title_text="run",
                          template=TEMPLATE)
-    return figure
+    return _log_axis(figure, series["value"]) if metric_mode(f"{split}_{metric}") == "min" else figure
 
 
 def training_loss(metrics: pd.DataFrame, runs: Sequence[str] | None = None, smooth: int = 20) -> go.Figure:
     """One line per run: the training loss against the step, a trailing mean over ``smooth`` logged steps.
 
+    Lines as in ``validation_curves`` (variant colour, rank dash), on a log axis with a log/linear toggle.
+
     Args:
-        metrics: ``load_metrics``' table: run, step, split, metric, value.
+        metrics: ``load_metrics``' table: run, step, split, metric, value (and variant, rank).
         runs: the runs to draw, by name; default all.
         smooth: the window of the moving mean, in logged steps; 1 draws the raw losses.
 
@@ -191,20 +218,22 @@ def training_loss(metrics: pd.DataFrame, runs: Sequence[str] | None = None, smoo
     if not is_integer(smooth) or smooth < 1:
         raise ValueError(f"smooth must be an integer >= 1 (1: no smoothing), not {smooth!r}")
     series = _series(metrics, "train", "loss", runs)
+    lines = _run_lines(series)
     figure = go.Figure()
-    for index, (run, points) in enumerate(series.groupby("run", sort=True)):
+    for run, points in series.groupby("run", sort=True):
         figure.add_trace(go.Scatter(
             x=points["step"], y=points["value"].rolling(smooth, min_periods=1).mean(), mode="lines", name=run,
-            line={"color": run_color(index)},
+            line=lines[run],
             hovertemplate="%{fullData.name}<br>step %{x}<br>train loss %{y:.4g}<extra></extra>",
         ))
     title = "Training loss" + (f" (mean of the last {smooth} steps)" if smooth > 1 else "")
     figure.update_layout(title=title, xaxis_title="step", yaxis_title="train loss", legend_title_text="run",
                          template=TEMPLATE)
-    return figure
+    return _log_axis(figure, series["value"])
 
 
-def live_runs(runs: Sequence[str]) -> go.Figure:
+def live_runs(runs: Sequence[str], variants: Sequence[str] | None = None,
+              ranks: Sequence[int | None] | None = None) -> go.Figure:
     """The figure of runs as they train: the loss (left) and the validation accuracy (right), no points yet.
 
     Run i of ``runs`` (names, in the order given) has the traces ``4 * i`` to ``4 * i + 3``, one
@@ -213,14 +242,18 @@ def live_runs(runs: Sequence[str]) -> go.Figure:
     one legend entry), validation accuracy (a thick line, right) and checkpoints (diamonds,
     meant to sit on the validation loss at each saved step). Every trace is empty: whoever
     shows the figure fills in x and y (the ``wb.ui.Workbench`` panel does, in place, as runs log).
+    With ``variants`` (and ``ranks``), one per run, a run's colour is its variant's and its
+    validation lines have its rank's dash, as in every other figure; else the palette in turn.
     """
     figure = make_subplots(rows=1, cols=2, subplot_titles=("loss", "validation accuracy"))
     for index, run in enumerate(runs):
-        color = run_color(index)
+        color = variant_color(variants[index]) if variants is not None else run_color(index)
+        dash = rank_dash(ranks[index], ranks) if ranks is not None else "solid"
         styles = {  # series -> (subplot column, trace style)
             "train loss": (1, {"mode": "lines", "opacity": 0.45, "line": {"color": color, "width": 1}}),
-            "val loss": (1, {"mode": "lines", "line": {"color": color, "width": 2.5}, "showlegend": True}),
-            "val acc": (2, {"mode": "lines", "line": {"color": color, "width": 2.5}}),
+            "val loss": (1, {"mode": "lines", "line": {"color": color, "width": 2.5, "dash": dash},
+                             "showlegend": True}),
+            "val acc": (2, {"mode": "lines", "line": {"color": color, "width": 2.5, "dash": dash}}),
             "checkpoints": (1, {"mode": "markers", "marker": {"color": color, "size": 9, "symbol": "diamond"}}),
         }
         for series in LIVE_SERIES:

@@ -87,16 +87,18 @@ def summarize(runs: pd.DataFrame | str | os.PathLike[str]) -> pd.DataFrame:
 
 
 def load_metrics(run_or_directory: str | os.PathLike[str]) -> pd.DataFrame:
-    """Every logged metric in long format: run, step, split, metric, value (see ``workbench.metrics_log``)."""
+    """Every logged metric in long format: run, step, split, metric, value (see ``workbench.metrics_log``),
+    and each run's variant and rank (None for a baseline), by which figures colour and dash its lines."""
     frames = []
-    for run, _ in records(run_or_directory):
+    columns = ["run", "step", "split", "metric", "value", "variant", "rank"]
+    for run, record in records(run_or_directory):
         entries = metrics_log.read(metrics_path(run))
         if entries:
-            frame = pd.DataFrame(entries)
-            frame.insert(0, "run", run.name)
-            frames.append(frame[["run", "step", "split", "metric", "value"]])
+            frame = pd.DataFrame(entries).assign(run=run.name, variant=record["settings"]["variant"],
+                                                 rank=record["settings"]["rank"])
+            frames.append(frame[columns])
     if not frames:
-        return pd.DataFrame(columns=["run", "step", "split", "metric", "value"])
+        return pd.DataFrame(columns=columns)
     return pd.concat(frames, ignore_index=True)
 
 

@@ -25,12 +25,14 @@ from torch import nn
 
 import workbench as wb
 
-from .panel import BEST_STYLE, Panel, catching, html_table, redraw, show
+from .panel import BEST_STYLE, Panel, catching, html_table, redraw, row, show
 
 RUN_BEST_STYLE = "background:#fff3bf"
 SELECTED_STYLE = "outline:2px solid #1c7ed6"
 _BASE_COLUMNS = ("run", "step", "path", "stage", "size", "created")
 REDUCTION_COLUMNS = ("layer", "old_rank", "new_rank", "kept_energy", "relative_error")
+EVALUATION_COLUMNS = ("run", "step", "path", "val_loss", "val_acc", "test_loss", "test_acc")
+SORTS = (("run, then step", "run"), ("step", "step"), ("best first", "best"))  # the table's orders
 
 
 def selection_metric(settings: dict[str, Any]) -> tuple[str, str]:
@@ -66,6 +68,14 @@ class CheckpointBrowser(Panel):
         shown_spectrum, effective_ranks: the last ``spectrum()``'s table (``wb.spectrum``) and
             each layer's effective rank at the energy box's value (``wb.effective_rank``), else None.
         figure: the ``go.FigureWidget`` the spectrum is drawn in; None until the first ``spectrum()``.
+        shown: the rows listed (``run_filter``'s run, in ``sort_by``'s order: run then step, step, or
+            best first); the best is also named above the table, and "Select best" selects it.
+        evaluations: every ``evaluate()`` so far, one row per checkpoint (run, step, path, val_loss,
+            val_acc, test_loss, test_acc), shown in ``evaluations_table``.
+        run_filter, sort_by, best_button, evaluations_table, merged_button ("Save merged model":
+            ``export(format="merged")``): more widgets; ``selector`` is a list whose rows are clicked.
+            Selecting another checkpoint clears the spectrum and reduction shown for the previous one;
+            deleting selects the next row, not the best.
         selector, table, stages_table, status, details, load_button, evaluate_button, merge_button, export_to,
         export_button, merged_button, delete_button, refresh_button, reduce_mode, reduce_rank, reduce_energy,
         reduce_button, spectrum_button, widget: the widgets (``widget`` holds them all; ``details``
@@ -105,8 +115,17 @@ class CheckpointBrowser(Panel):
         self._armed: str | None = None
         self._quiet = False
 
-        self.selector = widgets.Dropdown(description="checkpoint", layout=widgets.Layout(width="460px"))
+        self.evaluations = pd.DataFrame(columns=list(EVALUATION_COLUMNS))
+        self.selector = widgets.Select(description="checkpoint", rows=8, layout=widgets.Layout(width="100%"),
+                                       tooltip="click a checkpoint to select it")
+        self.run_filter = widgets.Dropdown(description="run", options=[("all runs", "")], value="",
+                                           layout=widgets.Layout(width="auto"))
+        self.sort_by = widgets.Dropdown(description="sort by", options=SORTS, value="run",
+                                        layout=widgets.Layout(width="auto"))
+        self.best_button = widgets.Button(description="Select best", icon="star", layout=widgets.Layout(width="auto"),
+                                          tooltip="select the best checkpoint (by validation)")
         self.table = widgets.HTML()
+        self.evaluations_table = widgets.HTML()
         self.status = widgets.HTML()
         self.summary = widgets.HTML()
         self.stages_table = widgets.HTML()
@@ -120,7 +139,7 @@ class CheckpointBrowser(Panel):
                                             tooltip="delete this checkpoint (click twice)", **button)
         self.refresh_button = widgets.Button(description="Refresh", icon="refresh", **button)
         self.export_to = widgets.Text(description="export to", placeholder="a new or empty directory",
-                                      layout=widgets.Layout(width="460px"))
+                                      layout=widgets.Layout(width="360px"))
         self.export_button = widgets.Button(description="Export (PEFT)", icon="download",
                                             tooltip=wb.runs.EXPORT_FORMATS["peft"], **button)
         self.merged_button = widgets.Button(description="Save merged model", icon="save",
@@ -148,15 +167,18 @@ class CheckpointBrowser(Panel):
         self.reduce_button.on_click(catching(self.status, self.reduce))
         self.spectrum_button.on_click(catching(self.status, self.spectrum))
         self.selector.observe(catching(self.status, self._selection_changed), names="value")
+        self.run_filter.observe(catching(self.status, self._view_changed), names="value")
+        self.sort_by.observe(catching(self.status, self._view_changed), names="value")
+        self.best_button.on_click(catching(self.status, self._select_best))
 
         self.widget = widgets.VBox([
-            self.summary, self.stages_table, self.table,
-            widgets.HBox([self.selector, self.refresh_button]),
-            widgets.HBox([self.load_button, self.evaluate_button, self.merge_button, self.delete_button]),
-            widgets.HBox([self.export_to, self.export_button, self.merged_button]),
-            widgets.HBox([self.reduce_mode, self.reduce_rank, self.reduce_energy, self.reduce_button,
-                          self.spectrum_button]),
-            self.status, self.details, self._figure_box,
+            self.summary, self.stages_table,
+            row(self.run_filter, self.sort_by, self.best_button, self.refresh_button),
+            self.table, self.selector,
+            row(self.load_button, self.evaluate_button, self.merge_button, self.delete_button),
+            row(self.export_to, self.export_button, self.merged_button),
+            row(self.reduce_mode, self.reduce_rank, self.reduce_energy, self.reduce_button, self.spectrum_button),
+            self.status, self.evaluations_table, self.details, self._figure_box,
         ])
         self.refresh()
 
@@ -176,8 +198,9 @@ class CheckpointBrowser(Panel):
                 continue
         shared = set(criteria.values())
         self.best = None
-        if len(shared) == 1 and self.run_best:
-            metric, mode = shared.pop()
+        self._shared = shared.pop() if len(shared) == 1 else None
+        if self._shared is not None and self.run_best:
+            metric, mode = self._shared
             self.best = wb.best_checkpoint(self.path, metric, mode)
             self._criterion = f"best by {metric} ({wb.selection.direction(mode)})"
         else:
@@ -188,24 +211,63 @@ class CheckpointBrowser(Panel):
                          "run best" if path in best_paths else "" for path in table["path"]]
         self.checkpoints = table.reset_index(drop=True)
         self._disarm()
+        self._quiet = True
+        try:
+            kept = self.run_filter.value if self.run_filter.value in self._run_paths else ""
+            self.run_filter.options = [("all runs", ""), *((run, run) for run in self._run_paths)]
+            self.run_filter.value = kept
+        finally:
+            self._quiet = False
+        self._fill(self.selector.value)
+        show(self.status, f"{len(self.checkpoints)} checkpoint(s) in {len(self._run_paths)} run(s)")
 
-        previous = self.selector.value
-        options = [(self._label(row), row["path"]) for _, row in self.checkpoints.iterrows()]
+    @property
+    def shown(self) -> pd.DataFrame:
+        """The checkpoints the table and the selector list: of the run chosen in ``run_filter`` (all by
+        default), in ``sort_by``'s order (by run then step; by step; or best first by the runs' shared
+        monitor, else by validation loss)."""
+        table = self.checkpoints
+        if self.run_filter.value:
+            table = table[table["run"] == self.run_filter.value]
+        if self.sort_by.value == "step":
+            return table.sort_values(["step", "run"], kind="stable")
+        if self.sort_by.value == "best":
+            metric, mode = self._shared or ("val_loss", "min")
+            if metric in table:
+                return table.sort_values(metric, ascending=mode == "min", kind="stable", na_position="last")
+        return table
+
+    def _fill(self, wanted: str | None) -> None:
+        """List ``shown`` in the selector, keeping ``wanted`` selected if listed (else the best, else the last)."""
+        options = [(self._label(row), row["path"]) for _, row in self.shown.iterrows()]
         paths = [path for _, path in options]
-        fallback = str(self.best) if self.best is not None else (paths[-1] if paths else None)
+        fallback = str(self.best) if self.best is not None and str(self.best) in paths else (
+            paths[-1] if paths else None)
         self._quiet = True
         try:
             self.selector.options = options
-            self.selector.value = previous if previous in paths else fallback
+            self.selector.value = wanted if wanted in paths else fallback
         finally:
             self._quiet = False
         self._draw()
-        show(self.status, f"{len(self.checkpoints)} checkpoint(s) in {len(self._run_paths)} run(s)")
+
+    def _view_changed(self, _: Any = None) -> None:
+        if not self._quiet:
+            self._fill(self.selector.value)
+
+    def _select_best(self) -> None:
+        if self.best is None:
+            raise ValueError(f"no best checkpoint: {self._criterion}" if self._shared is None else
+                             "no checkpoint has the monitor's value yet")
+        self.run_filter.value = ""
+        self.select(self.best)
 
     def _label(self, row: pd.Series) -> str:
         stage = f" [{row['stage']}]" if isinstance(row["stage"], str) and row["stage"] else ""
         mark = f" ({row['best']})" if row["best"] else ""
-        return f"{row['run']} / step {row['step']}{stage}{mark}"
+        metric = (self._shared or ("val_loss", "min"))[0]
+        value = f", {metric} {row[metric]:.4g}" if metric in row and pd.notna(row[metric]) else ""
+        return f"{row['run']} / step {row['step']}{value}{stage}{mark}"
 
     def _draw(self) -> None:
         selected = self.selector.value
@@ -216,17 +278,30 @@ class CheckpointBrowser(Panel):
             styles = {"best": BEST_STYLE, "run best": RUN_BEST_STYLE}.get(row["best"], "")
             return styles + (";" + SELECTED_STYLE if row["path"] == selected else "")
 
-        self.table.value = html_table(self.checkpoints, columns, style, key="path")
+        self.table.value = html_table(self.shown, columns, style, key="path")
         shown = [c for c in self.stages.columns if c not in ("run", "path")]
         self.stages_table.value = ("<b>compression stages</b>" + html_table(self.stages, shown)
                                    if len(self.stages) else "")
+        best = ""
+        if self.best is not None:
+            row = self.checkpoints.loc[self.checkpoints["path"] == str(self.best)].iloc[0]
+            metric = self._shared[0]
+            best = (f"<br><span style=\"{BEST_STYLE}\">best: {html.escape(row['run'])} / step {row['step']}, "
+                    f"{metric} {row[metric]:.4g}</span>")
         self.summary.value = (f"<b>{html.escape(str(self.path))}</b>: {len(self.checkpoints)} checkpoint(s); "
-                              f"highlighted: {html.escape(self._criterion)} (validation only)")
+                              f"highlighted: {html.escape(self._criterion)} (validation only){best}")
+        self.evaluations_table.value = ("<b>evaluations</b>" + html_table(self.evaluations, EVALUATION_COLUMNS[:2] +
+                                                                          EVALUATION_COLUMNS[3:])
+                                        if len(self.evaluations) else "")
 
     def _selection_changed(self, _: Any = None) -> None:
+        """Another checkpoint chosen: the spectrum and reduction shown were of the previous one, so they go."""
         if self._quiet:
             return
         self._disarm()
+        self.details.value = ""
+        self._figure_box.children = ()
+        self.shown_spectrum = self.effective_ranks = self.reduction = None
         self._draw()
 
     # -- selection ----------------------------------------------------------------------------
@@ -288,6 +363,11 @@ class CheckpointBrowser(Panel):
         show(self.status, f"evaluating {path.name} on val and test ...")
         val, test = (wb.evaluate_checkpoint(path, split, self.task) for split in ("val", "test"))
         self.evaluation = {**val, **test}
+        row = self.checkpoints.loc[self.checkpoints["path"] == str(path)].iloc[0]
+        added = pd.DataFrame([{"run": row["run"], "step": row["step"], "path": str(path), **self.evaluation}])
+        kept = self.evaluations[self.evaluations["path"] != str(path)]
+        self.evaluations = pd.concat([kept, added], ignore_index=True) if len(kept) else added
+        self._draw()
         text = ", ".join(f"{name} {value:.4g}" for name, value in self.evaluation.items())
         show(self.status, f"{self._run_of(path).name} / {path.name}: {text}")
         return self.evaluation
@@ -342,8 +422,14 @@ class CheckpointBrowser(Panel):
             wb.CheckpointError: another process or run holds the checkpoints' lock; nothing is deleted.
         """
         path = self._selected()
+        listed = self.shown["path"].tolist()
+        at = listed.index(str(path))
+        neighbours = listed[at + 1:] + listed[:at][::-1]  # the next row, else the one before
         wb.delete_checkpoint(path)
+        self.evaluations = self.evaluations[self.evaluations["path"] != str(path)]
         self.refresh()
+        if neighbours and neighbours[0] in set(self.shown["path"]):
+            self.selector.value = neighbours[0]  # the selection stays where it was, not on the best
         show(self.status, f"deleted {path}")
 
     def _delete_clicked(self) -> None:
@@ -422,9 +508,9 @@ class CheckpointBrowser(Panel):
         figure = wb.plots.spectrum(table, energy).update_layout(title=f"Spectrum of {name}")
         if self.figure is None:
             self.figure = go.FigureWidget(figure)
-            self._figure_box.children = (self.figure,)
         else:
             redraw(self.figure, figure)
+        self._figure_box.children = (self.figure,)  # hidden again when another checkpoint is selected
         layers = table.groupby("layer", sort=False)["value"]
         summary = pd.DataFrame({"layer": ranks.index, "rank": layers.size().to_numpy(),
                                 "largest s": layers.max().to_numpy(), "effective_rank": ranks.to_numpy()})

@@ -21,7 +21,7 @@ import plotly.graph_objects as go
 
 import workbench as wb
 
-from .panel import BEST_STYLE, Panel, catching, html_table, redraw, show
+from .panel import BEST_STYLE, Panel, catching, html_table, redraw, row, show
 
 METRICS = {"loss": "validation loss", "acc": "validation accuracy"}
 NO_RANK = 0  # the ranks filter's value for the runs without a rank (the baselines "full" and "head")
@@ -41,18 +41,21 @@ class Compare(Panel):
         runs_dir: a directory of runs (as ``wb.sweep`` writes), or one run.
 
     Attributes:
-        variants, ranks: multi-selects that filter the runs offered (the ranks' value ``NO_RANK``,
+        variants, ranks, lrs: multi-selects that filter the runs offered (the ranks' value ``NO_RANK``,
             labelled "none", passes the baselines, which have no rank).
         runs: a multi-select of the runs drawn (those the filters pass).
         metric: the validation metric drawn and ranked: ``"loss"`` (lowest best) or ``"acc"`` (highest).
         figure: the one ``go.FigureWidget``: a line per chosen run, markers at its checkpoints.
-        table: per chosen run: trainable parameters against its best checkpoint by the metric.
+        table: per chosen run (``run_summary``): lr, trainable parameters and its best checkpoint by the
+            metric, best first.
         summary: ``wb.summarize`` of the chosen runs (one row per configuration).
         pareto: a ``go.FigureWidget`` of ``wb.plots.pareto_fronts(summary)``: each configuration's
             best value (the runs' monitor) against trainable parameters, peak memory and wall time.
         sensitivity: a ``go.FigureWidget`` of ``wb.plots.lr_sensitivity(summary)``.
         best_button: sets ``best`` (``pick_best``); status: messages and errors.
-        best: the best checkpoint over the chosen runs, or None until picked.
+        best: the best checkpoint over the chosen runs, or None until picked; ``export_best`` (the
+            'export to' box, ``export_format`` and "Export best") and ``open_best`` ("Open best in
+            browser": ``browser``, shown below) act on it.
         widget: the panel.
 
     Raises:
@@ -71,12 +74,26 @@ class Compare(Panel):
 
         self.variants = widgets.SelectMultiple(description="variants", rows=5)
         self.ranks = widgets.SelectMultiple(description="ranks", rows=5, layout=widgets.Layout(width="180px"))
+        self.lrs = widgets.SelectMultiple(description="lrs", rows=5, layout=widgets.Layout(width="180px"))
         self.runs = widgets.SelectMultiple(description="runs", rows=8, layout=widgets.Layout(width="380px"))
         self.metric = widgets.Dropdown(options=[(label, key) for key, label in METRICS.items()], value="loss",
                                        description="metric")
         self.best_button = widgets.Button(description="Pick best", icon="trophy", button_style="success",
                                           tooltip="the best checkpoint of the chosen runs by the metric")
         self.refresh_button = widgets.Button(description="Refresh", icon="refresh")
+        self.export_to = widgets.Text(description="export to", placeholder="a new or empty directory",
+                                      layout=widgets.Layout(width="320px"))
+        self.export_format = widgets.Dropdown(options=list(wb.runs.EXPORT_FORMATS), value="peft",
+                                              description="as", layout=widgets.Layout(width="160px"),
+                                              tooltip="; ".join(f"{k}: {v}" for k, v in wb.runs.EXPORT_FORMATS.items()))
+        self.export_button = widgets.Button(description="Export best", icon="download",
+                                            layout=widgets.Layout(width="auto"),
+                                            tooltip="export the picked best checkpoint (wb.export_checkpoint)")
+        self.open_button = widgets.Button(description="Open best in browser", icon="folder-open",
+                                          layout=widgets.Layout(width="auto"),
+                                          tooltip="a CheckpointBrowser of the best's run, the best selected, below")
+        self.browser: wb.ui.CheckpointBrowser | None = None
+        self._browser_box = widgets.VBox()
         self.figure = go.FigureWidget()
         self.table = widgets.HTML()
         self.pareto = go.FigureWidget()
@@ -85,15 +102,19 @@ class Compare(Panel):
 
         self.variants.observe(catching(self.status, self._filter), names="value")
         self.ranks.observe(catching(self.status, self._filter), names="value")
+        self.lrs.observe(catching(self.status, self._filter), names="value")
+        self.export_button.on_click(catching(self.status, self.export_best))
+        self.open_button.on_click(catching(self.status, self.open_best))
         self.runs.observe(catching(self.status, self._runs_changed), names="value")
         self.metric.observe(catching(self.status, self._metric_changed), names="value")
         self.best_button.on_click(catching(self.status, self.pick_best))
         self.refresh_button.on_click(catching(self.status, self.refresh))
 
         self.widget = widgets.VBox([
-            widgets.HBox([self.variants, self.ranks, self.runs]),
-            widgets.HBox([self.metric, self.best_button, self.refresh_button]),
-            self.figure, self.table, self.pareto, self.sensitivity, self.status,
+            row(self.variants, self.ranks, self.lrs, self.runs),
+            row(self.metric, self.best_button, self.refresh_button),
+            row(self.export_to, self.export_format, self.export_button, self.open_button),
+            self.status, self.figure, self.table, self.pareto, self.sensitivity, self._browser_box,
         ])
         self.refresh()
 
@@ -119,6 +140,7 @@ class Compare(Panel):
             _reselect(self.variants, [(v, v) for v in variants])
             ranks = [(str(int(r)), int(r)) for r in sorted(set(runs["rank"].dropna()))]
             _reselect(self.ranks, ranks + ([("none", NO_RANK)] if runs["rank"].isna().any() else []))
+            _reselect(self.lrs, [(f"{lr:g}", float(lr)) for lr in sorted(set(runs["lr"].dropna()))])
         finally:
             self._quiet = False
         self._filter()
@@ -129,6 +151,7 @@ class Compare(Panel):
             return
         rank, ranks = self.run_table["rank"], self.ranks.value
         passed = rank.isin([r for r in ranks if r != NO_RANK]) | (rank.isna() & (NO_RANK in ranks))
+        passed &= self.run_table["lr"].astype(float).isin(self.lrs.value)
         chosen = self.run_table[self.run_table["variant"].isin(self.variants.value) & passed]
         self._quiet = True
         try:
@@ -188,7 +211,7 @@ class Compare(Panel):
     def run_summary(self, runs: Sequence[str] | None = None) -> pd.DataFrame:
         """Per run (default: the chosen ones): run, variant, rank, trainable, its best checkpoint's
         ``val_<metric>`` and step by the panel's metric, test_loss, test_acc, status and steps_done (where a
-        pruned or stopped run stopped); by trainable."""
+        pruned or stopped run stopped), lr; best first by the metric (runs without it last)."""
         metric, mode = f"val_{self.metric.value}", wb.selection.metric_mode(self.metric.value)
         runs = list(self.runs.value) if runs is None else list(runs)
         table = self.run_table[self.run_table["run"].isin(runs)]
@@ -201,12 +224,13 @@ class Compare(Panel):
                 continue
             row = mine.loc[best]
             bests.append({"run": run, metric: float(row[metric]), "best step": int(row["step"])})
-        columns = ["run", "variant", "rank", "trainable", metric, "best step", "test_loss", "test_acc", "status",
-                   "steps_done"]
+        columns = ["run", "variant", "rank", "lr", "trainable", metric, "best step", "test_loss", "test_acc",
+                   "status", "steps_done"]
         # load_runs' own val_<metric> is the monitor's checkpoint's; this table's is the best by the metric
         summary = table.drop(columns=[metric, "best step"], errors="ignore").merge(
             pd.DataFrame(bests, columns=["run", metric, "best step"]), on="run")
-        return summary[columns].sort_values(["trainable", "run"], kind="stable").reset_index(drop=True)
+        return (summary[columns].sort_values(metric, ascending=mode == "min", kind="stable", na_position="last")
+                .reset_index(drop=True))
 
     def _table_html(self, chosen: Sequence[str], metric: str) -> str:
         if not chosen:
@@ -252,3 +276,33 @@ class Compare(Panel):
         show(self.status, f"best of {len(chosen)} run(s) by {metric} ({wb.selection.direction(mode)}): "
                           f"{self.best} (run {row['run']}, step {row['step']}: {recorded})")
         return self.best
+
+    def _picked(self) -> Path:
+        if self.best is None:
+            raise ValueError("pick the best first (Pick best)")
+        return self.best
+
+    def export_best(self, to: str | os.PathLike[str] | None = None, format: str | None = None) -> Path:
+        """Export the picked best checkpoint (``wb.export_checkpoint``) to ``to`` (default the 'export to'
+        box) in ``format`` (default the 'as' box: peft, or merged); returns the directory.
+
+        Raises:
+            ValueError: nothing picked yet, no directory given, or as ``wb.export_checkpoint``.
+        """
+        best = self._picked()
+        typed = str(to) if to is not None else self.export_to.value.strip()
+        if not typed:
+            raise ValueError("type the directory to export to in the 'export to' box")
+        out = wb.export_checkpoint(best, Path(typed).expanduser(), format or self.export_format.value)
+        show(self.status, f"exported {best.name} of {best.parent.parent.name} to {out}: "
+                          f"{', '.join(sorted(file.name for file in out.iterdir()))}")
+        return out
+
+    def open_best(self) -> wb.ui.CheckpointBrowser:
+        """A ``CheckpointBrowser`` of the picked best's run, the best selected, shown below the figures."""
+        best = self._picked()
+        self.browser = wb.ui.CheckpointBrowser(best.parent.parent)
+        self.browser.select(best)
+        self._browser_box.children = (self.browser.widget,)
+        show(self.status, f"opened {best.parent.parent.name} in the checkpoint browser below, {best.name} selected")
+        return self.browser

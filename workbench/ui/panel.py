@@ -22,6 +22,11 @@ class Panel:
         return self.widget._repr_mimebundle_(**kwargs)
 
 
+def row(*children: widgets.Widget) -> widgets.Box:
+    """Controls side by side that wrap onto the next line in a narrow notebook (~750 px) instead of overlapping."""
+    return widgets.Box(list(children), layout=widgets.Layout(flex_flow="row wrap", align_items="flex-start"))
+
+
 def show(status: widgets.HTML, message: str, error: bool = False) -> None:
     """Put ``message`` (plain text) in a panel's status line; errors in red."""
     color = "#c92a2a" if error else "#2b8a3e"

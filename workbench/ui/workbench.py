@@ -37,7 +37,7 @@ from torch import nn
 
 import workbench as wb
 
-from .panel import Panel, catching, redraw, show
+from .panel import Panel, catching, redraw, row, show
 
 RANKS = (1, 2, 4, 8, 16, 32, 64)
 DRAW_INTERVAL = 0.4  # seconds between two redraws of the figure and the progress bar during a run
@@ -399,17 +399,14 @@ class Workbench(Panel):
         schedule = widgets.VBox([self.steps, self.eval_every, self.save_every, self.mtbf, self.ranks], layout=column())
         header = widgets.HTML(f"<b>Adapter workbench</b>: task <code>{html.escape(self.task.name)}</code>, "
                               f"runs in <code>{html.escape(str(self.runs_dir))}</code>")
-        advanced = widgets.Accordion(children=[widgets.Box(list(self.training.values()),
-                                                           layout=widgets.Layout(flex_flow="row wrap"))])
+        advanced = widgets.Accordion(children=[row(*self.training.values())])
         advanced.set_title(0, "training: optimizer, schedule, checkpoints kept, monitor, precision")
         advanced.selected_index = None
         self.widget = widgets.VBox([
             header,
-            widgets.Box([settings, schedule, widgets.VBox([self.targets, self.trained])],
-                        layout=widgets.Layout(flex_flow="row wrap")),
+            row(settings, schedule, widgets.VBox([self.targets, self.trained])),
             advanced,
-            widgets.Box([self.launch_button, self.stop_button, self.command_button, self.progress],
-                        layout=widgets.Layout(flex_flow="row wrap")),
+            row(self.launch_button, self.stop_button, self.command_button, self.progress),
             self.command, self.status, self.figure,
         ])
 
@@ -417,6 +414,7 @@ class Workbench(Panel):
         self._current: wb.Run | None = None
         self._paths: list[Path] = []
         self._curves: list[_Curves] = []
+        self._ranks: list[int | None] = []
         self._stop_requested = threading.Event()
         self._last_draw = 0.0
         self.variant.observe(lambda _: self._show_variant_controls(), names="value")
@@ -629,13 +627,14 @@ class Workbench(Panel):
             for run in reversed(runs):
                 run.discard()
             raise
-        self._curves = curves
+        self._curves, self._ranks = curves, ranks
         return runs
 
     def _reset_figure(self) -> None:
         """The figure of this launch's runs (``wb.plots.live_runs``), drawn with what is on disk already."""
         with self.figure.batch_update():
-            redraw(self.figure, wb.plots.live_runs([curves.name for curves in self._curves]))
+            names = [curves.name for curves in self._curves]
+            redraw(self.figure, wb.plots.live_runs(names, [self.variant.value] * len(names), self._ranks))
             if self.task.perplexity:  # each validation point's perplexity, in its hover
                 for trace in self.figure.data[SERIES.index("val loss")::len(SERIES)]:
                     trace.hovertemplate = PERPLEXITY_HOVER
