@@ -144,6 +144,37 @@ def run_quickstart(page: Page, server: LabServer, root: Path, tmp_path: Path) ->
 
     assert notebook.get_by_text(WIDGET_ERROR).count() == 0, "a widget failed after Launch"
     assert not notebook_state(page)["errors"], f"cells raised: {notebook_state(page)['errors']}"
+    check_narrow_layout(page, panel, tmp_path)
+
+
+NARROW = 750  # px: the width of a notebook's output area beside an open sidebar on a laptop
+
+
+def check_narrow_layout(page: Page, panel: Locator, tmp_path: Path) -> None:
+    """Narrow the page until the panel is about ``NARROW`` px wide: no visible input, select, button or
+    text box may overlap another, and none may stick out of the panel (bounding boxes); save a screenshot."""
+    size = page.viewport_size
+    for _ in range(3):  # the panel's width follows the page's, less JupyterLab's own margins
+        width = panel.bounding_box()["width"]
+        page.set_viewport_size({"width": int(size["width"] + NARROW - width), "height": size["height"]})
+        size = page.viewport_size
+        page.wait_for_timeout(300)  # let the layout settle
+    panel_box = panel.bounding_box()
+    assert abs(panel_box["width"] - NARROW) < 40, panel_box
+    controls = panel.locator("input, select, button, textarea").all()
+    boxes = [(control.evaluate("e => e.outerHTML.slice(0, 80)"), box) for control in controls
+             if control.is_visible() and (box := control.bounding_box()) and box["width"] > 0 and box["height"] > 0]
+    assert len(boxes) > 10, boxes  # the panel's controls were found
+
+    def overlap(a: dict, b: dict) -> bool:
+        return (min(a["x"] + a["width"], b["x"] + b["width"]) - max(a["x"], b["x"]) > 1
+                and min(a["y"] + a["height"], b["y"] + b["height"]) - max(a["y"], b["y"]) > 1)
+
+    overlapping = [(one, other) for i, (one, a) in enumerate(boxes) for other, b in boxes[i + 1:] if overlap(a, b)]
+    assert not overlapping, overlapping
+    outside = [name for name, box in boxes if box["x"] + box["width"] > panel_box["x"] + panel_box["width"] + 1]
+    assert not outside, outside
+    save_screenshot(panel, "panel-750px.png", tmp_path)
 
 
 def set_number(field: Locator, value: int) -> None:

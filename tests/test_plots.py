@@ -303,3 +303,27 @@ def test_a_variant_has_one_colour_and_a_rank_one_dash_in_every_figure_of_the_run
     assert dashes == {1: {"solid"}, 4: {"dot"}}
     accuracy = plots.validation_curves(metrics, metric="acc")
     assert accuracy.layout.yaxis.type is None and not accuracy.layout.updatemenus  # an accuracy stays linear
+
+
+def test_the_empty_live_figure_has_no_axes_and_a_run_spans_its_steps():
+    empty = plots.live_runs([])
+    assert empty.layout.xaxis.visible is False and empty.layout.yaxis.visible is False
+    assert len(empty.layout.annotations) == 1  # no subplot titles over empty space
+    assert "Launch" in empty.layout.annotations[0].text
+    live = plots.live_runs(["a", "b"], ["lora", "vera"], [2, 8], steps=300)
+    assert live.layout.xaxis.range == (0, 300) == live.layout.xaxis2.range
+    assert {t.line.color for t in live.data if t.name.startswith("a ") and t.mode == "lines"} == {
+        plots.variant_color("lora")}
+
+
+def test_scatter_points_carry_no_text_the_rank_is_the_marker_and_spectrum_ticks_are_integers():
+    runs = pd.DataFrame({"run": ["a", "b", "c"], "variant": ["lora", "lora", "vera"], "rank": [2, 8, 2],
+                         "trainable": [100, 400, 20], "best_value": [0.5, 0.4, 0.6], "monitor": "val_loss"})
+    figure = plots.parameters_vs_metric(runs)
+    assert all(trace_.mode == "markers" for trace_ in figure.data)  # no labels to print over each other
+    lora = next(t for t in figure.data if t.name == "lora")
+    assert list(lora.marker.symbol) == ["circle", "square"] and list(lora.text) == ["rank 2", "rank 8"]
+    assert "circle: r2" in figure.layout.title.text and "square: r8" in figure.layout.title.text
+    table = pd.DataFrame({"layer": "fc1", "index": [1, 2], "value": [2.0, 1.0], "energy": [0.8, 1.0]})
+    spectrum = plots.spectrum(table)
+    assert spectrum.layout.xaxis.dtick == 1 and spectrum.layout.xaxis.tickformat == "d"  # 1, 2: not 1, 1.5, 2

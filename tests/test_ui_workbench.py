@@ -541,3 +541,15 @@ def test_the_training_settings_reach_the_run_and_the_cli_command_trains_the_same
     assert cli_main(words[1:]) == 0  # the command finds the panel's runs, same settings, finished: nothing to do
     assert sorted(path.name for path in (tmp_path / "runs").iterdir()) == before
     assert wb.load_runs(tmp_path / "runs")["wall_time"].tolist() == table["wall_time"].tolist()
+
+
+def test_a_stored_panel_shows_a_static_picture_instead_of_the_widget_repr(tmp_path):
+    panel = panel_for(tmp_path)
+    bundle = panel._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle  # the live panel, where widgets render
+    assert bundle["text/plain"].startswith("Workbench panel.") and "VBox" not in bundle["text/plain"]
+    picture = bundle["text/html"]
+    assert "<script" not in picture and "<button disabled>Launch</button>" in picture
+    assert "steps: <b>30</b>" in picture and "rank(s): <b>4</b>" in picture  # each control with its value
+    assert panel.status.value in picture
+    assert "lr_ratio" not in picture  # the options of other variants are hidden, and left out

@@ -38,6 +38,7 @@ PALETTE = qualitative.Plotly
 TEMPLATE = "plotly_white"
 LIVE_SERIES = ("train loss", "val loss", "val acc", "checkpoints")  # each run's traces in ``live_runs``, in order
 DASHES = ("solid", "dot", "dash", "longdash", "dashdot", "longdashdot")  # ranks, smallest first
+RANK_SYMBOLS = ("circle", "square", "diamond", "triangle-up", "cross", "star")  # ranks in scatters, smallest first
 COSTS = {  # summarize's cost column -> (axis title, divisor from the column's unit to the axis', hover format)
     "trainable": ("trainable parameters", 1.0, ",.0f"),
     "peak_rss": ("peak resident memory (MB)", 1e6, ",.1f"),
@@ -233,7 +234,7 @@ def training_loss(metrics: pd.DataFrame, runs: Sequence[str] | None = None, smoo
 
 
 def live_runs(runs: Sequence[str], variants: Sequence[str] | None = None,
-              ranks: Sequence[int | None] | None = None) -> go.Figure:
+              ranks: Sequence[int | None] | None = None, steps: int | None = None) -> go.Figure:
     """The figure of runs as they train: the loss (left) and the validation accuracy (right), no points yet.
 
     Run i of ``runs`` (names, in the order given) has the traces ``4 * i`` to ``4 * i + 3``, one
@@ -244,6 +245,8 @@ def live_runs(runs: Sequence[str], variants: Sequence[str] | None = None,
     shows the figure fills in x and y (the ``wb.ui.Workbench`` panel does, in place, as runs log).
     With ``variants`` (and ``ranks``), one per run, a run's colour is its variant's and its
     validation lines have its rank's dash, as in every other figure; else the palette in turn.
+    ``steps``: the runs' length, which the x axes span from the start. With no run, the figure has
+    no axes, only a line saying what will appear.
     """
     figure = make_subplots(rows=1, cols=2, subplot_titles=("loss", "validation accuracy"))
     for index, run in enumerate(runs):
@@ -263,7 +266,13 @@ def live_runs(runs: Sequence[str], variants: Sequence[str] | None = None,
     figure.update_layout(template=TEMPLATE, height=400, margin={"t": 70, "b": 40}, legend_title_text="run",
                          autosize=True, title={"text": "thin: training loss, thick: validation, diamonds: checkpoints",
                                                "font": {"size": 13}})
-    figure.update_xaxes(title_text="step")
+    figure.update_xaxes(title_text="step", range=[0, steps] if steps else None)
+    if not runs:
+        figure.update_xaxes(visible=False)
+        figure.update_yaxes(visible=False)
+        figure.layout.annotations = ()  # no subplot titles over empty space either
+        figure.add_annotation(text="Launch a run: its losses, validation accuracy and checkpoints appear here as "
+                              "it trains", showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5, font={"size": 14})
     return figure
 
 
@@ -319,7 +328,10 @@ def best_by_variant_and_rank(runs: pd.DataFrame, value: str = "best_value") -> g
 
 
 def parameters_vs_metric(runs: pd.DataFrame, value: str = "best_value") -> go.Figure:
-    """Scatter of each run's trainable parameters (log x) against its ``value``, coloured by variant, labelled by rank.
+    """Scatter of each run's trainable parameters (log x) against its ``value``: colour the variant, marker the rank.
+
+    No text labels on the points (with many runs they print over each other): the rank is the
+    marker's shape, named in the subtitle, and hovering a point names its run.
 
     Args:
         runs: ``load_runs``' table; needs run, variant, rank, trainable, ``value`` (and monitor for
@@ -330,16 +342,21 @@ def parameters_vs_metric(runs: pd.DataFrame, value: str = "best_value") -> go.Fi
         ValueError: a missing column, or ``best_value`` of runs that monitor different metrics.
     """
     scored, name, _ = _scored(runs, value, ("run", "variant", "rank", "trainable"))
+    ranks = sorted({int(r) for r in scored["rank"].dropna()})
+    symbols = {rank: RANK_SYMBOLS[index % len(RANK_SYMBOLS)] for index, rank in enumerate(ranks)}
     figure = go.Figure()
     for variant in _variant_order(scored["variant"]):
         points = scored[scored["variant"] == variant]
         figure.add_trace(go.Scatter(
-            x=points["trainable"], y=points[value], mode="markers+text", name=variant,
-            text=[f"r{r}" for r in points["rank"]], textposition="top center", customdata=points["run"],
-            marker={"color": variant_color(variant), "size": 10},
-            hovertemplate=f"%{{customdata}}<br>trainable %{{x:,}}<br>{name} %{{y:.4g}}<extra></extra>",
+            x=points["trainable"], y=points[value], mode="markers", name=variant,
+            text=["no rank" if pd.isna(r) else f"rank {int(r)}" for r in points["rank"]], customdata=points["run"],
+            marker={"color": variant_color(variant), "size": 10, "line": {"color": "white", "width": 1},
+                    "symbol": ["circle" if pd.isna(r) else symbols[int(r)] for r in points["rank"]]},
+            hovertemplate=f"%{{customdata}} (%{{text}})<br>trainable %{{x:,}}<br>{name} %{{y:.4g}}<extra></extra>",
         ))
-    figure.update_layout(title=f"Trainable parameters against {name} (labels: rank)",
+    legend = ", ".join(f"{symbol.replace('-', ' ')}: r{rank}" for rank, symbol in symbols.items())
+    figure.update_layout(title=f"Trainable parameters against {name}<br><sup>marker: rank ({legend}); hover names "
+                         "the run</sup>",
                          xaxis={"title": "trainable parameters", "type": "log"}, yaxis_title=name,
                          legend_title_text="variant", template=TEMPLATE)
     return figure
@@ -434,7 +451,8 @@ def spectrum(table: pd.DataFrame, energy: float | None = 0.9) -> go.Figure:
             ), row=1, col=column)
     if energy is not None:
         figure.add_hline(y=energy, line_dash="dot", line_color="gray", row=1, col=2)
-    figure.update_xaxes(title_text="index (1 = largest)")
+    largest = int(table["index"].max()) if len(table) else 1
+    figure.update_xaxes(title_text="index (1 = largest)", tickformat="d", dtick=1 if largest <= 16 else None)
     figure.update_yaxes(title_text="singular value", rangemode="tozero", row=1, col=1)
     figure.update_yaxes(title_text="fraction of sum s^2", range=[0, 1.05], row=1, col=2)
     figure.update_layout(title="Spectrum of each adapter's update", legend_title_text="layer", template=TEMPLATE)

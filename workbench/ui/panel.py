@@ -13,13 +13,60 @@ import plotly.graph_objects as go
 BEST_STYLE = "background:#ffe066;font-weight:bold"
 
 
+STATIC_NOTE = "A picture of the panel as it was; run the cell for the live panel."
+
+
 class Panel:
-    """A panel is shown as its top-level ``widget`` (a cell ending with the panel displays it)."""
+    """A panel is shown as its top-level ``widget`` (a cell ending with the panel displays it).
+
+    Beside the widget view its display carries a static picture (``static_html``) as text/html and
+    a one-line text/plain: what a notebook opened without its kernel or widget state shows (a
+    stored notebook, GitHub, nbviewer) instead of the widget's repr.
+    """
 
     widget: widgets.Widget
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any] | None:
-        return self.widget._repr_mimebundle_(**kwargs)
+        bundle = self.widget._repr_mimebundle_(**kwargs) or {}
+        picture = (f'<div style="border:1px solid #ddd;padding:6px;font-size:13px">{static_html(self.widget)}'
+                   f'<div style="color:#777;font-size:11px">{html.escape(STATIC_NOTE)}</div></div>')
+        return {**bundle, "text/html": picture, "text/plain": f"{type(self).__name__} panel. {STATIC_NOTE}"}
+
+
+def _value_text(widget: widgets.Widget) -> str:
+    """What a control shows: the chosen label(s) of a selection, else its value."""
+    if isinstance(widget, widgets.widget_selection._MultipleSelection):
+        return ", ".join(map(str, widget.label)) or "none"
+    if isinstance(widget, widgets.widget_selection._Selection):
+        return str(widget.label)
+    if isinstance(widget, widgets.Checkbox):
+        return "yes" if widget.value else "no"
+    if isinstance(widget, widgets.IntProgress):
+        return f"{widget.value} / {widget.max}"
+    return str(widget.value)
+
+
+def static_html(widget: widgets.Widget) -> str:
+    """A widget tree as plain HTML, no script: containers as rows or columns, HTML widgets as they are,
+    buttons as disabled buttons, each control as "description: value"; a figure is named by its
+    title, not drawn (its points need plotly.js). Hidden widgets (``layout.display == "none"``) are left out."""
+    if isinstance(widget, go.FigureWidget):  # its layout is plotly's
+        title = html.escape(widget.layout.title.text or "figure")
+        return f'<div style="border:1px dashed #bbb;padding:1em;color:#555">{title} (drawn when the cell runs)</div>'
+    if widget.layout.display == "none":
+        return ""
+    if isinstance(widget, widgets.Box):
+        flow = "column" if isinstance(widget, widgets.VBox) else "row wrap"
+        parts = "".join(static_html(child) for child in widget.children)
+        return f'<div style="display:flex;flex-flow:{flow};gap:4px 14px;margin:2px 0">{parts}</div>'
+    if isinstance(widget, widgets.HTML):
+        return f"<div>{widget.value}</div>"
+    if isinstance(widget, widgets.Button):
+        return f"<button disabled>{html.escape(widget.description)}</button>"
+    if isinstance(widget, widgets.ValueWidget):
+        label = f"{html.escape(widget.description)}: " if getattr(widget, "description", "") else ""
+        return f"<span>{label}<b>{html.escape(_value_text(widget))}</b></span>"
+    return ""
 
 
 def row(*children: widgets.Widget) -> widgets.Box:

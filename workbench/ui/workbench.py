@@ -634,7 +634,8 @@ class Workbench(Panel):
         """The figure of this launch's runs (``wb.plots.live_runs``), drawn with what is on disk already."""
         with self.figure.batch_update():
             names = [curves.name for curves in self._curves]
-            redraw(self.figure, wb.plots.live_runs(names, [self.variant.value] * len(names), self._ranks))
+            redraw(self.figure, wb.plots.live_runs(names, [self.variant.value] * len(names), self._ranks,
+                                                   self.steps.value))
             if self.task.perplexity:  # each validation point's perplexity, in its hover
                 for trace in self.figure.data[SERIES.index("val loss")::len(SERIES)]:
                     trace.hovertemplate = PERPLEXITY_HOVER
