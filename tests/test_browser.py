@@ -161,7 +161,7 @@ def check_narrow_layout(page: Page, panel: Locator, tmp_path: Path) -> None:
         page.wait_for_timeout(300)  # let the layout settle
     panel_box = panel.bounding_box()
     assert abs(panel_box["width"] - NARROW) < 40, panel_box
-    controls = panel.locator("input, select, button, textarea").all()
+    controls = panel.locator("input, select, button:not(.modebar-btn), textarea").all()  # not plotly's own bar
     boxes = [(control.evaluate("e => e.outerHTML.slice(0, 80)"), box) for control in controls
              if control.is_visible() and (box := control.bounding_box()) and box["width"] > 0 and box["height"] > 0]
     assert len(boxes) > 10, boxes  # the panel's controls were found
@@ -181,3 +181,30 @@ def set_number(field: Locator, value: int) -> None:
     """Type ``value`` into a number widget and leave it: ipywidgets sends the value to the kernel on change."""
     field.fill(str(value))
     field.press("Tab")
+
+
+def test_the_reports_tables_sort_by_a_clicked_column(tmp_path: Path) -> None:
+    import workbench as wb
+
+    runs = tmp_path / "runs"
+    wb.sweep("digits", ["lora", "vera"], [1, 4], 4, runs, eval_every=2, save_every=2, progress_bar=False)
+    report = wb.write_report(runs, tmp_path / "report.html")
+    table = wb.load_runs(runs)
+    with open_browser() as browser:
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page.goto(report.as_uri())
+        section = page.locator("section", has=page.locator("h2", has_text=re.compile(r"^Runs$")))
+        header = section.locator("th", has_text="trainable parameters")
+        column = [th.inner_text() for th in section.locator("th").all()].index("trainable parameters")
+
+        def shown() -> list[int]:
+            return [int(row.locator("td").nth(column).inner_text().replace(",", ""))
+                    for row in section.locator("tbody tr").all()]
+
+        names = [row.locator("td").first.inner_text() for row in section.locator("tbody tr").all()]
+        assert names == list(table.sort_values("best_value", kind="stable")["run"])  # at first: best first
+        header.click()
+        assert shown() == sorted(table["trainable"])
+        header.click()
+        assert shown() == sorted(table["trainable"], reverse=True)
+        page.screenshot(path=tmp_path / "report.png", full_page=True)

@@ -129,6 +129,11 @@ def _log_axis(figure: go.Figure, values: pd.Series) -> go.Figure:
     buttons to switch between log and linear."""
     log = bool(len(values)) and bool((pd.to_numeric(values, errors="coerce") > 0).all())
     figure.update_yaxes(type="log" if log else "linear")
+    return _log_toggle(figure, log)
+
+
+def _log_toggle(figure: go.Figure, log: bool) -> go.Figure:
+    """Buttons above the first y axis's plot that switch it between log and linear (``log``: log at first)."""
     buttons = [{"label": label, "method": "relayout", "args": [{"yaxis.type": label}]} for label in ("log", "linear")]
     figure.update_layout(updatemenus=[{"type": "buttons", "direction": "left", "buttons": buttons, "x": 1.0,
                                        "xanchor": "right", "y": 1.12, "yanchor": "bottom", "showactive": True,
@@ -263,14 +268,17 @@ def live_runs(runs: Sequence[str], variants: Sequence[str] | None = None,
             column, style = styles[series]
             figure.add_scatter(name=f"{run} {series}", legendgroup=run, row=1, col=column,
                                **{"showlegend": False, **style})
-    figure.update_layout(template=TEMPLATE, height=400, margin={"t": 70, "b": 40}, legend_title_text="run",
-                         autosize=True, title={"text": "thin: training loss, thick: validation, diamonds: checkpoints",
-                                               "font": {"size": 13}})
+    figure.update_layout(template=TEMPLATE, height=430, margin={"t": 70, "b": 40}, legend_title_text="run",
+                         legend={"orientation": "h", "y": -0.22, "x": 0}, autosize=True,
+                         title={"text": "thin: training loss, thick: validation, diamonds: checkpoints",
+                                "font": {"size": 13}})
     figure.update_xaxes(title_text="step", range=[0, steps] if steps else None)
+    figure.update_yaxes(type="log", row=1, col=1)  # the loss: a first spike does not flatten the rest
+    _log_toggle(figure, True)
     if not runs:
         figure.update_xaxes(visible=False)
         figure.update_yaxes(visible=False)
-        figure.layout.annotations = ()  # no subplot titles over empty space either
+        figure.layout.annotations = figure.layout.updatemenus = ()  # no titles or buttons over empty space
         figure.add_annotation(text="Launch a run: its losses, validation accuracy and checkpoints appear here as "
                               "it trains", showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5, font={"size": 14})
     return figure

@@ -1,8 +1,9 @@
 """The report of a runs directory: one standalone HTML file that opens with the answer.
 
 First the best configuration (mean over seeds, its test metric with a 95% interval), then the
-published claims with their verdicts (``wb.check_claims``), the leaderboard of configurations
-(``wb.summarize``), the figures, and every run. ``write_report`` embeds plotly.js inline once, so
+leaderboard of configurations (``wb.summarize``), the published claims with their verdicts
+(``wb.check_claims``), the figures, and every run. Every table sorts by a clicked column (a few
+lines of script in the page; the tables read as they are without it). ``write_report`` embeds plotly.js inline once, so
 the file opens anywhere with no network. Every figure comes from ``workbench.plots``; every number
 from the run directories.
 """
@@ -30,8 +31,8 @@ if TYPE_CHECKING:
     import plotly.graph_objects as go
 
 RUN_COLUMNS = {"run": "run", "variant": "variant", "rank": "rank", "options": "options", "lr": "lr", "seed": "seed",
-               "trainable": "trainable parameters", "saved_bytes": "saved for backward (bytes)",
-               "peak_rss": "peak memory (bytes)", "steps_done": "steps done", "best_step": "best step",
+               "trainable": "trainable parameters", "peak_rss": "peak memory (MB)", "steps_done": "steps done",
+               "best_step": "best step",
                "best_value": "best {monitor}", "test_loss": "test loss", "test_acc": "test accuracy",
                "wall_time": "wall time (s)", "status": "status"}
 SUMMARY_COLUMNS = {"variant": "variant", "rank": "rank", "options": "options", "lr": "lr", "n": "seeds",
@@ -95,8 +96,11 @@ def _runs_table(runs: pd.DataFrame, monitor: str) -> str:
     best = best_index(runs.loc[runs["monitor"] == monitor, "best_value"], metric_mode(monitor))
     best_name = None if best is None else runs.loc[best, "run"]
     columns = {k: v.format(monitor=monitor) for k, v in RUN_COLUMNS.items() if k in runs.columns}
-    shown = runs.sort_values("best_value", ascending=metric_mode(monitor) == "min", na_position="last",
-                             kind="stable")[list(columns)].rename(columns=columns)
+    ordered = runs.sort_values("best_value", ascending=metric_mode(monitor) == "min", na_position="last",
+                               kind="stable")
+    if "peak_rss" in ordered:
+        ordered = ordered.assign(peak_rss=ordered["peak_rss"] / 1e6)
+    shown = ordered[list(columns)].rename(columns=columns)
     return f'<div class="scroll">{table_html(shown, lambda row: row["run"] == best_name)}</div>'
 
 
@@ -142,12 +146,12 @@ def _sections(runs: pd.DataFrame, metrics: pd.DataFrame, summary: pd.DataFrame, 
     others = "" if (runs["monitor"] == monitor).all() else f" Only the runs that monitor {monitor} are compared."
     metric = monitor.removeprefix("val_")
     return [
-        ("Claims", "Published claims about the variants, checked on these runs over paired seeds: an effect, its "
-         "95% interval and a verdict; inconclusive where the interval spans the threshold or one seed ran.",
-         _claims_table(claims)),
         ("Leaderboard", f"One row per configuration (variant, rank, learning rate, options), best first by mean "
          f"best {monitor} over its seeds; the test metric is measured once per run, on the checkpoint validation "
          f"chose.{others}", _summary_table(summary, monitor)),
+        ("Claims", "Published claims about the variants, checked on these runs over paired seeds: an effect, its "
+         "95% interval and a verdict; inconclusive where the interval spans the threshold or one seed ran.",
+         _claims_table(claims)),
         ("Cost against quality", "Each configuration's mean best validation value (bars: 95% interval over seeds) "
          "against what it costs; the line joins the Pareto front.", plots.pareto_fronts(summary)),
         ("Learning-rate sensitivity", "Mean best validation value against the learning rate; bands: 95% interval "
@@ -221,6 +225,28 @@ def _save_interval_section(directory: str | os.PathLike[str], runs: pd.DataFrame
     return [("How often to save", note, plots.save_interval(write, mtbf_seconds, chosen))]
 
 
+SORTABLE = """  // every table: a click on a column's header sorts its rows by it, ascending, then descending
+document.querySelectorAll("table").forEach(table => table.querySelectorAll("th").forEach((th, column) => {
+  th.title = "click to sort"; th.style.cursor = "pointer";
+  th.addEventListener("click", () => {
+    const body = table.tBodies[0], up = th.dataset.order !== "up";
+    const key = row => { const text = row.cells[column].textContent.replace(/,/g, "").trim();
+                         const number = parseFloat(text); return text === "" ? null : isNaN(number) ? text : number; };
+    const rows = Array.from(body.rows).sort((a, b) => {
+      const x = key(a), y = key(b);
+      if (x === null || y === null) return (x === null) - (y === null);  // empty cells last either way
+      if (typeof x !== typeof y) return typeof x === "number" ? -1 : 1;
+      const order = x > y ? 1 : x < y ? -1 : 0;
+      return up ? order : -order;
+    });
+    table.querySelectorAll("th").forEach(other => { if (other !== th) delete other.dataset.order; });
+    th.dataset.order = up ? "up" : "down";
+    rows.forEach(row => body.appendChild(row));
+  });
+}));
+"""
+
+
 def _page(title: str, lead: str, sections: list[tuple[str, str, go.Figure | str]]) -> str:
     """The HTML page; plotly.js is embedded inline with the first figure only."""
     import plotly.graph_objects as go
@@ -235,7 +261,7 @@ def _page(title: str, lead: str, sections: list[tuple[str, str, go.Figure | str]
         parts.append(f'<section><h2>{escape(heading)}</h2><p class="note">{escape(note)}</p>{content}</section>')
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
             f"<style>{STYLE}</style></head><body><h1>{escape(title)}</h1>{lead}"
-            f"{''.join(parts)}</body></html>\n")
+            f"{''.join(parts)}<script>{SORTABLE}</script></body></html>\n")
 
 
 def write_report(directory: str | os.PathLike[str], to: str | os.PathLike[str] = "report.html",
@@ -244,7 +270,7 @@ def write_report(directory: str | os.PathLike[str], to: str | os.PathLike[str] =
 
     One standalone file (plotly.js inline, no network needed). It opens with the answer (the best
     configuration by mean validation value over its seeds, and its test metric with a 95%
-    interval), then the claims with their verdicts, the leaderboard of configurations, the Pareto
+    interval), then the leaderboard of configurations, the claims with their verdicts, the Pareto
     fronts of trainable parameters, peak memory and wall time against the validation metric, the
     learning-rate sensitivity, the validation curves by variant, the training loss and every run;
     then, where they apply, the compression stages, the compute of a search that pruned against the
