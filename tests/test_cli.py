@@ -17,7 +17,7 @@ from conftest import training_log
 from safetensors.torch import load_file
 
 import workbench as wb
-from workbench.cli import _run_settings, build_parser, main
+from workbench.cli import _run_settings, build_parser, main, speak_cli
 
 
 @pytest.fixture
@@ -158,7 +158,7 @@ BAD = [
     (["sweep", "--executor", "ray", "--address", "head-node", "--out", "{tmp}/s"], r"argument --address: must be HOST:PORT \(or auto\), not 'head-node'"),
     (["sweep", "--executor", "ray", "--address", "head:99999", "--out", "{tmp}/s"], r"argument --address: must be HOST:PORT"),
     (["sweep", "--executor", "ray", "--cpus-per-trial", "0", "--out", "{tmp}/s"], r"argument --cpus-per-trial: must be an integer >= 1, not 0"),
-    (["sweep", "--address", "head:6379", "--out", "{tmp}/s"], r"address and cpus_per_trial \(--address, --cpus-per-trial\) are for executor='ray'"),
+    (["sweep", "--address", "head:6379", "--out", "{tmp}/s"], r"address and cpus_per_trial \(--address, --cpus-per-trial\) are for --executor ray; the local"),
     (["runs", "{tmp}/nowhere"], r"nowhere: no such directory"),
     (["best", "{tmp}"], r"no checkpoint under .* records val_loss"),
     (["export", "{tmp}/nothing", "--to", "{tmp}/a"], r"is not a checkpoint of a run directory"),
@@ -299,3 +299,16 @@ def test_a_sweep_names_each_trial_in_its_bar_and_the_table_is_sorted_by_the_name
     order = [line.split()[0] for line in rows]
     assert order == list(table.sort_values("best_value")["run"])  # lowest validation loss first
     assert len(set(table["best_value"])) == 4  # four different values, so the order is a real check
+
+
+def test_errors_speak_the_command_lines_words(tiny_run, capsys):
+    train = ["train", "--task", "digits", "--variant", "lora", "--rank", "2", "--steps", "2", "--out", tiny_run]
+    with pytest.raises(SystemExit) as exit_:
+        main(train)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "holds a run already" in err
+    assert "--resume" in err and "resume=True" not in err  # the library's keyword, as the flag that sets it
+    parser = build_parser()
+    assert speak_cli("give rank= or energy=, not both", parser) == "give --rank or --energy, not both"
+    assert speak_cli("save_every='auto' needs mtbf=None?", parser) == "--save-every auto needs no --mtbf?"
+    assert speak_cli("save with safe_serialization=True", parser) == "save with safe_serialization=True"  # no flag

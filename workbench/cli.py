@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import shlex
 import sys
 import time
@@ -569,6 +570,36 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())  # one line, even for multi-line messages
 
 
+def _flags(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option string of the parser and its subcommands (``--resume``, ``--save-every``, ...)."""
+    found = {flag for action in parser._actions for flag in action.option_strings}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found |= _flags(sub)
+    return found
+
+
+def speak_cli(message: str, parser: argparse.ArgumentParser) -> str:
+    """A library message in the command line's words: ``resume=True`` -> ``--resume``, ``save_every='auto'``
+    -> ``--save-every auto``, ``alpha=None`` -> ``no --alpha``; keywords the CLI has no flag for stay, and
+    a flag the message already gave in parentheses is said once."""
+    flags = _flags(parser)
+
+    def flag(match: re.Match[str]) -> str:
+        name, value = "--" + match["name"].replace("_", "-"), match["value"]
+        if name not in flags:
+            return match[0]
+        if value == "True":
+            return name
+        if value == "None":
+            return f"no {name}"
+        return f"{name} {value.strip(chr(39))}" if value else name
+
+    spoken = re.sub(r"\b(?P<name>[a-z][a-z_]*)=(?P<value>True|None|'[^']*'|[0-9.e-]+)?", flag, message)
+    return re.sub(r"(--[a-z-]+(?: [\w.]+)?) \(\1\)", r"\1", spoken)  # "x='a' (--x a)" said once
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -623,9 +654,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "report":
             print(write_report(args.directory, args.to, args.grid))
     except (ValueError, TypeError, CheckpointError, MissingExtraError) as error:
-        parser.exit(2, f"workbench: error: {_one_line(error)}\n")
+        parser.exit(2, f"workbench: error: {speak_cli(_one_line(error), parser)}\n")
     except OSError as error:  # the disk, not the arguments: a full disk, a path that vanished
-        parser.exit(1, f"workbench: error: {_one_line(error)}\n")
+        parser.exit(1, f"workbench: error: {speak_cli(_one_line(error), parser)}\n")
     return 0
 
 

@@ -129,7 +129,7 @@ class Run:
         if is_run(self.path):
             self.record = read_record(self.path)
             if not resume:
-                raise ValueError(f"{self.path} holds a run already; resume it (resume=True, --resume) or choose "
+                raise ValueError(f"{self.path} holds a run already; resume it (resume=True) or choose "
                                  "another directory")
             there = resolve_settings(self.task, self.record["settings"])
             changed = [f"{k}: {there.get(k)!r} there, {v!r} here" for k, v in self.settings.items()
