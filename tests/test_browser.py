@@ -144,15 +144,17 @@ def run_quickstart(page: Page, server: LabServer, root: Path, tmp_path: Path) ->
 
     assert notebook.get_by_text(WIDGET_ERROR).count() == 0, "a widget failed after Launch"
     assert not notebook_state(page)["errors"], f"cells raised: {notebook_state(page)['errors']}"
-    check_narrow_layout(page, panel, tmp_path)
+    check_narrow_layout(page, panel, tmp_path, "panel-750px.png")
+    check_narrow_layout(page, browser, tmp_path, "browser-750px.png")
 
 
 NARROW = 750  # px: the width of a notebook's output area beside an open sidebar on a laptop
 
 
-def check_narrow_layout(page: Page, panel: Locator, tmp_path: Path) -> None:
+def check_narrow_layout(page: Page, panel: Locator, tmp_path: Path, screenshot: str) -> None:
     """Narrow the page until the panel is about ``NARROW`` px wide: no visible input, select, button or
-    text box may overlap another, and none may stick out of the panel (bounding boxes); save a screenshot."""
+    text box may overlap another or stick out of the panel (bounding boxes), no button's text may be
+    cut; save a screenshot."""
     size = page.viewport_size
     for _ in range(3):  # the panel's width follows the page's, less JupyterLab's own margins
         width = panel.bounding_box()["width"]
@@ -174,7 +176,10 @@ def check_narrow_layout(page: Page, panel: Locator, tmp_path: Path) -> None:
     assert not overlapping, overlapping
     outside = [name for name, box in boxes if box["x"] + box["width"] > panel_box["x"] + panel_box["width"] + 1]
     assert not outside, outside
-    save_screenshot(panel, "panel-750px.png", tmp_path)
+    cut = [control.inner_text() for control in panel.locator("button.jupyter-button").all()
+           if control.is_visible() and control.evaluate("e => e.scrollWidth > e.clientWidth + 1")]
+    assert not cut, f"buttons whose text is cut: {cut}"
+    save_screenshot(panel, screenshot, tmp_path)
 
 
 def set_number(field: Locator, value: int) -> None:

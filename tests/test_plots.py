@@ -298,6 +298,12 @@ def test_a_variant_has_one_colour_and_a_rank_one_dash_in_every_figure_of_the_run
     for line in plots.validation_bands(runs, metrics).data:
         if line.fill is None:  # the mean lines, named "<variant> r<rank> lr=... (1 seed)"
             seen.setdefault(line.name.split()[0], set()).add(line.line.color)
+    summary = wb.summarize(runs)  # the report's other two figures
+    for point in plots.pareto_fronts(summary).data:
+        if point.name != "Pareto front":
+            seen.setdefault(point.name, set()).add(point.marker.color)
+    for line in plots.lr_sensitivity(summary).data:
+        seen.setdefault(line.name.split()[0], set()).add(line.line.color)
     assert seen == {"lora": {plots.variant_color("lora")}, "vera": {plots.variant_color("vera")}}
     assert plots.variant_color("lora") != plots.variant_color("vera")
     assert dashes == {1: {"solid"}, 4: {"dot"}}
@@ -327,3 +333,21 @@ def test_scatter_points_carry_no_text_the_rank_is_the_marker_and_spectrum_ticks_
     table = pd.DataFrame({"layer": "fc1", "index": [1, 2], "value": [2.0, 1.0], "energy": [0.8, 1.0]})
     spectrum = plots.spectrum(table)
     assert spectrum.layout.xaxis.dtick == 1 and spectrum.layout.xaxis.tickformat == "d"  # 1, 2: not 1, 1.5, 2
+
+
+def test_a_blown_up_run_is_dotted_named_and_kept_off_the_loss_axis():
+    steps = np.arange(1, 21)
+    rows = [{"run": run, "step": int(step), "split": split, "metric": "loss", "value": float(value),
+             "variant": "lora", "rank": 2}
+            for run, values in {"calm": 2.0 / steps, "also-calm": 2.2 / steps, "spike": np.where(steps == 10, 300.0,
+                                                                                                 2.1 / steps)}.items()
+            for split in ("train", "val") for step, value in zip(steps, values, strict=True)]
+    metrics = pd.DataFrame(rows)
+    for figure in (plots.validation_curves(metrics), plots.training_loss(metrics, smooth=1)):
+        lines = {t.name: t for t in figure.data if t.mode == "lines"}
+        assert set(lines) == {"calm", "also-calm", "spike (flagged)"} and lines["spike (flagged)"].line.dash == "dot"
+        assert "spike (above 10x the median first value)" in figure.layout.title.text
+        low, high = figure.layout.yaxis.range  # log10 units: the calm runs' 0.1 to 2.2, not the spike's 300
+        assert figure.layout.yaxis.type == "log" and 10**low < 0.1 and 2.2 < 10**high < 3
+        linear = next(b for b in figure.layout.updatemenus[0].buttons if b.label == "linear")
+        assert linear.args[0]["yaxis.range"][1] < 3  # the toggle keeps the spike off the linear axis too

@@ -65,7 +65,8 @@ def panel_for(tmp_path, steps=30, task="digits", rank=4, **kwargs) -> Workbench:
 
 
 def trace(panel, name):
-    (found,) = [t for t in panel.figure.data if t.name == name]
+    """The live figure's trace of ``"<run> <series>"`` (its meta; the validation loss is named just "<run>")."""
+    (found,) = [t for t in panel.figure.data if t.meta == name]
     return found
 
 
@@ -194,11 +195,11 @@ def test_two_ranks_make_two_runs(tmp_path):
 
 def test_the_live_figure_has_four_empty_traces_per_run_in_the_run_colour():
     figure = wb.plots.live_runs(["a", "b"])
-    assert [t.name for t in figure.data] == [f"{run} {series}" for run in "ab" for series in wb.plots.LIVE_SERIES]
+    assert [t.meta for t in figure.data] == [f"{run} {series}" for run in "ab" for series in wb.plots.LIVE_SERIES]
     assert all(t.x is None and t.y is None for t in figure.data)
     colors = [t.marker.color if t.mode == "markers" else t.line.color for t in figure.data]
     assert colors == [wb.plots.run_color(0)] * 4 + [wb.plots.run_color(1)] * 4
-    assert [t.name for t in figure.data if t.showlegend] == ["a val loss", "b val loss"]  # one legend entry per run
+    assert [t.name for t in figure.data if t.showlegend] == ["a", "b"]  # one legend entry per run, named by it
     assert [t.xaxis for t in figure.data[:4]] == ["x", "x", "x2", "x"]  # accuracy on the right
     assert wb.plots.live_runs([]).data == ()
 

@@ -124,20 +124,47 @@ def _series(metrics: pd.DataFrame, split: str, metric: str, runs: Sequence[str] 
     return rows.sort_values(["run", "step"], kind="stable")
 
 
-def _log_axis(figure: go.Figure, values: pd.Series) -> go.Figure:
-    """A loss's y axis: logarithmic where every value is positive (a spike does not flatten the rest), with
-    buttons to switch between log and linear."""
-    log = bool(len(values)) and bool((pd.to_numeric(values, errors="coerce") > 0).all())
-    figure.update_yaxes(type="log" if log else "linear")
-    return _log_toggle(figure, log)
+def _log_axis(figure: go.Figure, values: pd.Series, kept: pd.Series | None = None) -> go.Figure:
+    """A loss's y axis: logarithmic where every value of the runs ``kept`` on the axis is positive (a
+    spike does not flatten the rest), with buttons to switch between log and linear. Given ``kept``
+    (the values of the runs not flagged), the axis spans those only: a flagged run's line leaves it."""
+    shown = pd.to_numeric(values if kept is None else kept, errors="coerce").to_numpy(dtype=float)
+    log = bool(len(shown)) and bool((shown > 0).all())
+    finite = shown[np.isfinite(shown)]
+    ranges: dict[str, list[float] | None] = {"log": None, "linear": None}
+    if kept is not None and len(finite):
+        low, high = float(finite.min()), float(finite.max())
+        pad = 0.05 * (high - low) or 0.05 * abs(high) or 1.0
+        ranges["linear"] = [low - pad, high + pad]
+        if low > 0:
+            low, high = math.log10(low), math.log10(high)
+            pad = 0.05 * (high - low) or 0.05
+            ranges["log"] = [low - pad, high + pad]
+    chosen = "log" if log else "linear"
+    figure.update_yaxes(type=chosen, range=ranges[chosen])
+    return _log_toggle(figure, log, ranges)
 
 
-def _log_toggle(figure: go.Figure, log: bool) -> go.Figure:
-    """Buttons above the first y axis's plot that switch it between log and linear (``log``: log at first)."""
-    buttons = [{"label": label, "method": "relayout", "args": [{"yaxis.type": label}]} for label in ("log", "linear")]
+def _log_toggle(figure: go.Figure, log: bool, ranges: dict[str, list[float] | None] | None = None) -> go.Figure:
+    """Buttons above the first y axis's plot that switch it between log and linear (``log``: log at first),
+    each to its ``ranges`` entry (None: the range plotly picks)."""
+    ranges = ranges or {}
+    buttons = [{"label": label, "method": "relayout",
+                "args": [{"yaxis.type": label, "yaxis.range": ranges.get(label),
+                          "yaxis.autorange": ranges.get(label) is None}]} for label in ("log", "linear")]
     figure.update_layout(updatemenus=[{"type": "buttons", "direction": "left", "buttons": buttons, "x": 1.0,
                                        "xanchor": "right", "y": 1.12, "yanchor": "bottom", "showactive": True,
                                        "active": 0 if log else 1}])
+    return figure
+
+
+def _legend_below(figure: go.Figure, entries: int, most: int = 10) -> go.Figure:
+    """More than ``most`` legend entries go in rows below the plot, the figure taller to hold them, so none
+    hides behind a scrolling legend beside it."""
+    if entries > most:
+        rows = math.ceil(entries / 3)
+        figure.update_layout(legend={"orientation": "h", "yanchor": "top", "y": -0.18, "x": 0},
+                             height=460 + 22 * rows, margin={"b": 80 + 22 * rows})
     return figure
 
 
@@ -180,12 +207,14 @@ def validation_curves(
     if checkpoints is not None:
         require_columns(checkpoints, ("run", "step"), "checkpoints")
     label = f"{split} {metric}"
-    lines = _run_lines(series)
+    lines, loss = _run_lines(series), metric_mode(f"{split}_{metric}") == "min"
+    flagged = _flagged(None, series, "min") if loss else {}
     figure = go.Figure()
     for run, points in series.groupby("run", sort=True):
         color = lines[run]["color"]
         figure.add_trace(go.Scatter(
-            x=points["step"], y=points["value"], mode="lines", name=run, legendgroup=run, line=lines[run],
+            x=points["step"], y=points["value"], mode="lines", name=run + (" (flagged)" if run in flagged else ""),
+            legendgroup=run, line=lines[run] | ({"dash": "dot", "width": 1} if run in flagged else {}),
             hovertemplate=f"%{{fullData.name}}<br>step %{{x}}<br>{label} %{{y:.4g}}<extra></extra>",
         ))
         if checkpoints is not None:
@@ -203,9 +232,14 @@ def validation_curves(
             hovertemplate=f"best: {run}<br>step %{{x}}<br>{label} %{{y:.4g}}<extra></extra>",
         ))
     title = f"{label.capitalize()} against step" + (" (markers: checkpoints)" if checkpoints is not None else "")
+    if flagged:
+        title += f"<br><sup>{_flag_note(flagged).replace('left out of the means', 'dotted, off the axis range')}</sup>"
     figure.update_layout(title=title, xaxis_title="step", yaxis_title=label, legend_title_text="run",
                          template=TEMPLATE)
-    return _log_axis(figure, series["value"]) if metric_mode(f"{split}_{metric}") == "min" else figure
+    _legend_below(figure, len(lines))
+    if not loss:
+        return figure
+    return _log_axis(figure, series["value"], series.loc[~series["run"].isin(flagged), "value"] if flagged else None)
 
 
 def training_loss(metrics: pd.DataFrame, runs: Sequence[str] | None = None, smooth: int = 20) -> go.Figure:
@@ -224,18 +258,23 @@ def training_loss(metrics: pd.DataFrame, runs: Sequence[str] | None = None, smoo
     if not is_integer(smooth) or smooth < 1:
         raise ValueError(f"smooth must be an integer >= 1 (1: no smoothing), not {smooth!r}")
     series = _series(metrics, "train", "loss", runs)
-    lines = _run_lines(series)
+    series = series.assign(value=pd.to_numeric(series["value"], errors="coerce").groupby(series["run"]).transform(
+        lambda losses: losses.rolling(smooth, min_periods=1).mean()))
+    lines, flagged = _run_lines(series), _flagged(None, series, "min")
     figure = go.Figure()
     for run, points in series.groupby("run", sort=True):
         figure.add_trace(go.Scatter(
-            x=points["step"], y=points["value"].rolling(smooth, min_periods=1).mean(), mode="lines", name=run,
-            line=lines[run],
+            x=points["step"], y=points["value"], mode="lines", name=run + (" (flagged)" if run in flagged else ""),
+            line=lines[run] | ({"dash": "dot", "width": 1} if run in flagged else {}),
             hovertemplate="%{fullData.name}<br>step %{x}<br>train loss %{y:.4g}<extra></extra>",
         ))
     title = "Training loss" + (f" (mean of the last {smooth} steps)" if smooth > 1 else "")
+    if flagged:
+        title += f"<br><sup>{_flag_note(flagged).replace('left out of the means', 'dotted, off the axis range')}</sup>"
     figure.update_layout(title=title, xaxis_title="step", yaxis_title="train loss", legend_title_text="run",
                          template=TEMPLATE)
-    return _log_axis(figure, series["value"])
+    _legend_below(figure, len(lines))
+    return _log_axis(figure, series["value"], series.loc[~series["run"].isin(flagged), "value"] if flagged else None)
 
 
 def live_runs(runs: Sequence[str], variants: Sequence[str] | None = None,
@@ -243,9 +282,10 @@ def live_runs(runs: Sequence[str], variants: Sequence[str] | None = None,
     """The figure of runs as they train: the loss (left) and the validation accuracy (right), no points yet.
 
     Run i of ``runs`` (names, in the order given) has the traces ``4 * i`` to ``4 * i + 3``, one
-    per series of ``LIVE_SERIES`` in that order, named ``"<run> <series>"`` and all in
-    ``run_color(i)``: its training loss (a thin line), validation loss (a thick line, the run's
-    one legend entry), validation accuracy (a thick line, right) and checkpoints (diamonds,
+    per series of ``LIVE_SERIES`` in that order, each with ``meta`` ``"<run> <series>"`` and
+    named so too but for the validation loss (named ``"<run>"``, the run's one legend entry), all
+    in one colour: its training loss (a thin line), validation loss (a thick line), validation
+    accuracy (a thick line, right) and checkpoints (diamonds,
     meant to sit on the validation loss at each saved step). Every trace is empty: whoever
     shows the figure fills in x and y (the ``wb.ui.Workbench`` panel does, in place, as runs log).
     With ``variants`` (and ``ranks``), one per run, a run's colour is its variant's and its
@@ -266,7 +306,8 @@ def live_runs(runs: Sequence[str], variants: Sequence[str] | None = None,
         }
         for series in LIVE_SERIES:
             column, style = styles[series]
-            figure.add_scatter(name=f"{run} {series}", legendgroup=run, row=1, col=column,
+            name = run if series == "val loss" else f"{run} {series}"  # the legend names the run
+            figure.add_scatter(name=name, meta=f"{run} {series}", legendgroup=run, row=1, col=column,
                                **{"showlegend": False, **style})
     figure.update_layout(template=TEMPLATE, height=430, margin={"t": 70, "b": 40}, legend_title_text="run",
                          legend={"orientation": "h", "y": -0.22, "x": 0}, autosize=True,
@@ -709,9 +750,10 @@ def lr_sensitivity(summary: pd.DataFrame) -> go.Figure:
 # -- runs and their logged curves ----------------------------------------------------------------
 
 
-def _flagged(runs: pd.DataFrame, series: pd.DataFrame, mode: str) -> dict[str, str]:
-    """The runs left out of the means, with why: diverged, values that are not finite, or (losses) blown up."""
-    flagged = {run: "diverged" for run in runs.loc[runs["status"] == "diverged", "run"]}
+def _flagged(runs: pd.DataFrame | None, series: pd.DataFrame, mode: str) -> dict[str, str]:
+    """The runs left out of the means (and off the axis), with why: diverged (by ``runs``' status, if
+    given), values that are not finite, or (losses) blown up."""
+    flagged = {} if runs is None else {run: "diverged" for run in runs.loc[runs["status"] == "diverged", "run"]}
     values = pd.to_numeric(series["value"], errors="coerce")
     for run in series.loc[~np.isfinite(values.to_numpy(dtype=float)), "run"].unique():
         flagged.setdefault(run, "values not finite")

@@ -116,7 +116,7 @@ class CheckpointBrowser(Panel):
         self._quiet = False
 
         self.evaluations = pd.DataFrame(columns=list(EVALUATION_COLUMNS))
-        self.selector = widgets.Select(description="checkpoint", rows=8, layout=widgets.Layout(width="100%"),
+        self.selector = widgets.Select(rows=8, layout=widgets.Layout(width="auto"),  # no label: as wide as the panel
                                        tooltip="click a checkpoint to select it")
         self.run_filter = widgets.Dropdown(description="run", options=[("all runs", "")], value="",
                                            layout=widgets.Layout(width="auto"))

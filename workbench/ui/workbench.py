@@ -316,9 +316,10 @@ class Workbench(Panel):
             it was follows the chosen variant's default. ``init`` is a Dropdown ("default", or
             "pissa": adapters start from the top-r SVD of each weight).
         launch_button, stop_button, status, progress, figure, widget: the rest of the panel;
-            ``figure`` is a ``go.FigureWidget`` of ``wb.plots.live_runs``: four traces per run, named
-            ``"<run> train loss"``, ``"<run> val loss"``, ``"<run> val acc"`` and
-            ``"<run> checkpoints"`` (markers on the validation loss at each saved step). For a task
+            ``figure`` is a ``go.FigureWidget`` of ``wb.plots.live_runs``: four traces per run, with
+            ``meta`` ``"<run> train loss"``, ``"<run> val loss"`` (named ``"<run>"`` in the legend),
+            ``"<run> val acc"`` and ``"<run> checkpoints"`` (markers on the validation loss at each
+            saved step), in the variant's colour, the validation lines in the rank's dash. For a task
             with ``perplexity``, hovering the validation loss shows the validation perplexity too,
             and the status line shows ``val_ppl``.
         last_error: the message of the last refused launch or failed run, else None.
