@@ -47,6 +47,7 @@ COSTS = {  # summarize's cost column -> (axis title, divisor from the column's u
 SUMMARY_COLUMNS = ("variant", "rank", "lr", "options", "monitor", "n", "best_mean", "best_low", "best_high")
 BANDS = {"range": "min to max over seeds", "interval": "95% t interval over seeds"}  # validation_bands' bands
 FRONT = "ringed and joined: the Pareto front, where nothing cheaper does better"
+OFF_THE_AXIS = "dotted, off the axis range"  # what becomes of a flagged run in validation_curves and training_loss
 BLOWUP = 10.0  # a loss above this many times the runs' median first value has blown up (validation_bands)
 
 
@@ -178,6 +179,19 @@ def _run_lines(series: pd.DataFrame) -> dict[str, dict[str, str]]:
     return {run: {"color": run_color(index)} for index, run in enumerate(runs["run"])}
 
 
+def _flagged_line(run: str, lines: dict[str, dict[str, str]], flagged: dict[str, str]) -> dict[str, Any]:
+    """A curve's trace name and line: its run's (``_run_lines``), dotted, thin and named "(flagged)" if flagged."""
+    if run not in flagged:
+        return {"name": run, "line": lines[run]}
+    return {"name": f"{run} (flagged)", "line": lines[run] | {"dash": "dot", "width": 1}}
+
+
+def _finish_loss_curves(figure: go.Figure, series: pd.DataFrame, flagged: dict[str, str]) -> go.Figure:
+    """A loss figure's y axis (``_log_axis``), spanning the runs that are not flagged when some are."""
+    kept = series.loc[~series["run"].isin(flagged), "value"] if flagged else None
+    return _log_axis(figure, series["value"], kept)
+
+
 def validation_curves(
     metrics: pd.DataFrame,
     metric: str = "loss",
@@ -213,8 +227,7 @@ def validation_curves(
     for run, points in series.groupby("run", sort=True):
         color = lines[run]["color"]
         figure.add_trace(go.Scatter(
-            x=points["step"], y=points["value"], mode="lines", name=run + (" (flagged)" if run in flagged else ""),
-            legendgroup=run, line=lines[run] | ({"dash": "dot", "width": 1} if run in flagged else {}),
+            x=points["step"], y=points["value"], mode="lines", legendgroup=run, **_flagged_line(run, lines, flagged),
             hovertemplate=f"%{{fullData.name}}<br>step %{{x}}<br>{label} %{{y:.4g}}<extra></extra>",
         ))
         if checkpoints is not None:
@@ -233,13 +246,11 @@ def validation_curves(
         ))
     title = f"{label.capitalize()} against step" + (" (markers: checkpoints)" if checkpoints is not None else "")
     if flagged:
-        title += f"<br><sup>{_flag_note(flagged).replace('left out of the means', 'dotted, off the axis range')}</sup>"
+        title += f"<br><sup>{_flag_note(flagged, OFF_THE_AXIS)}</sup>"
     figure.update_layout(title=title, xaxis_title="step", yaxis_title=label, legend_title_text="run",
                          template=TEMPLATE)
     _legend_below(figure, len(lines))
-    if not loss:
-        return figure
-    return _log_axis(figure, series["value"], series.loc[~series["run"].isin(flagged), "value"] if flagged else None)
+    return _finish_loss_curves(figure, series, flagged) if loss else figure
 
 
 def training_loss(metrics: pd.DataFrame, runs: Sequence[str] | None = None, smooth: int = 20) -> go.Figure:
@@ -264,17 +275,16 @@ def training_loss(metrics: pd.DataFrame, runs: Sequence[str] | None = None, smoo
     figure = go.Figure()
     for run, points in series.groupby("run", sort=True):
         figure.add_trace(go.Scatter(
-            x=points["step"], y=points["value"], mode="lines", name=run + (" (flagged)" if run in flagged else ""),
-            line=lines[run] | ({"dash": "dot", "width": 1} if run in flagged else {}),
+            x=points["step"], y=points["value"], mode="lines", **_flagged_line(run, lines, flagged),
             hovertemplate="%{fullData.name}<br>step %{x}<br>train loss %{y:.4g}<extra></extra>",
         ))
     title = "Training loss" + (f" (mean of the last {smooth} steps)" if smooth > 1 else "")
     if flagged:
-        title += f"<br><sup>{_flag_note(flagged).replace('left out of the means', 'dotted, off the axis range')}</sup>"
+        title += f"<br><sup>{_flag_note(flagged, OFF_THE_AXIS)}</sup>"
     figure.update_layout(title=title, xaxis_title="step", yaxis_title="train loss", legend_title_text="run",
                          template=TEMPLATE)
     _legend_below(figure, len(lines))
-    return _log_axis(figure, series["value"], series.loc[~series["run"].isin(flagged), "value"] if flagged else None)
+    return _finish_loss_curves(figure, series, flagged)
 
 
 def live_runs(runs: Sequence[str], variants: Sequence[str] | None = None,
@@ -767,10 +777,11 @@ def _flagged(runs: pd.DataFrame | None, series: pd.DataFrame, mode: str) -> dict
     return flagged
 
 
-def _flag_note(flagged: dict[str, str], most: int = 8) -> str:
+def _flag_note(flagged: dict[str, str], fate: str = "left out of the means", most: int = 8) -> str:
+    """The note ``flagged, <fate>: run (why), ...`` naming at most ``most`` runs."""
     listed = [f"{run} ({why})" for run, why in sorted(flagged.items())]
     more = f", and {len(listed) - most} more" if len(listed) > most else ""
-    return f"flagged, left out of the means: {', '.join(listed[:most])}{more}"
+    return f"flagged, {fate}: {', '.join(listed[:most])}{more}"
 
 
 def validation_bands(runs: pd.DataFrame, metrics: pd.DataFrame, metric: str = "loss", split: str = "val",
