@@ -257,10 +257,6 @@ def _run_settings(args: argparse.Namespace) -> dict[str, Any]:
     return settings | options
 
 
-RUN_FLAG_DEFAULTS = {"optimizer": "adamw", "eval_every": 50, "save_every": 50, "monitor": "val_loss",
-                     "schedule": "constant", "warmup_steps": 0, "accumulate": 1, "precision": "float32"}
-
-
 def _flag_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return ",".join(map(str, value))
@@ -274,8 +270,9 @@ def command_line(task: str | Task, variant: str, ranks: Sequence[int | None], ou
     The runs are one per rank, in ``out / wb.trial_name(variant, rank, lr, seed)``, the directories
     the workbench panel and ``wb.sweep`` give them, so the command resumes or repeats the panel's
     runs. ``settings`` are ``wb.Run``'s keywords (alpha, targets, eval_every, save_every, mtbf,
-    monitor, mode, keep_last, schedule, ..., the variant's options); None and the CLI's defaults
-    are left out. Arguments are quoted for a POSIX shell.
+    monitor, mode, keep_last, schedule, ..., the variant's options), each said as the sweep
+    command's flag for it; None and the flag's own default are left out. Arguments are quoted
+    for a POSIX shell.
 
     Raises:
         ValueError: a task that is neither built in nor made from files (its data is in memory), or
@@ -298,19 +295,16 @@ def command_line(task: str | Task, variant: str, ranks: Sequence[int | None], ou
     if chosen:
         words += ["--ranks", _flag_value(chosen)]
     words += ["--lrs", _flag_value(float(lr)), "--seeds", seed, "--steps", steps, "--out", out]
-    options = option_flags()
-    flags = {name: flag for flag, name, _ in options}
-    known = set(RUN_FLAG_DEFAULTS) | {"alpha", "targets", "train", "mtbf", "keep_last", "keep_best", "mode",
-                                      "max_grad_norm", "eval_batches", "device"}
+    flags: dict[str, list[argparse.Action]] = {}  # the sweep command's own flags and defaults, by setting
+    for action in _subcommands(build_parser())["sweep"]._actions:
+        flags.setdefault(action.dest, []).append(action)
     for name, value in settings.items():
-        if name in flags and isinstance(value, bool):  # --rslora, --no-<name>: the switch that sets this value
-            words += [f for f, n, keywords in options if n == name and keywords["action"] == f"store_{value}".lower()]
-        elif name in flags:
-            words += [flags[name], _flag_value(value)]
-        elif name not in known:
+        if name not in flags or not flags[name][0].option_strings:
             raise ValueError(f"the command line has no flag for the setting {name!r}")
-        elif value is not None and value != RUN_FLAG_DEFAULTS.get(name, object()):
-            words += ["--" + name.replace("_", "-"), _flag_value(value)]
+        if isinstance(value, bool):  # --rslora, --no-<name>: the switch that sets this value, if any
+            words += [action.option_strings[0] for action in flags[name] if action.const is value]
+        elif value is not None and value != flags[name][0].default:
+            words += [flags[name][0].option_strings[0], _flag_value(value)]
     return shlex.join(str(word) for word in words)
 
 
@@ -460,10 +454,11 @@ def _print_table(table: pd.DataFrame) -> None:
         print("no runs")
         return
     monitors = set(table["monitor"].dropna()) if "monitor" in table else set()
-    best = f"best {monitors.pop()}" if len(monitors) == 1 else "best (of its monitor)"
-    if best != "best (of its monitor)":
-        table = table.sort_values("best_value", ascending=metric_mode(best[5:]) == "min", kind="stable",
+    monitor = monitors.pop() if len(monitors) == 1 else None
+    if monitor is not None:
+        table = table.sort_values("best_value", ascending=metric_mode(monitor) == "min", kind="stable",
                                   na_position="last")
+    best = f"best {monitor}" if monitor is not None else "best (of its monitor)"
     columns = {"run": "run", "variant": "variant", "rank": "rank", "trainable": "trainable", "best_value": best,
                "best_step": "at step", "test_acc": "test_acc", "test_ppl": "test_ppl", "steps_done": "steps",
                "wall_time": "wall time (s)", "status": "status"}
@@ -570,13 +565,17 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())  # one line, even for multi-line messages
 
 
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The parser's subcommands' parsers, by name (``train``, ``sweep``, ...)."""
+    return {name: sub for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+            for name, sub in action.choices.items()}
+
+
 def _flags(parser: argparse.ArgumentParser) -> set[str]:
     """Every option string of the parser and its subcommands (``--resume``, ``--save-every``, ...)."""
     found = {flag for action in parser._actions for flag in action.option_strings}
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                found |= _flags(sub)
+    for sub in _subcommands(parser).values():
+        found |= _flags(sub)
     return found
 
 
