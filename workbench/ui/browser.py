@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import html
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from torch import nn
 
 import workbench as wb
 
-from .panel import BEST_STYLE, Panel, catching, html_table, redraw, row, show
+from .panel import BEST_STYLE, Panel, catching, export_typed, html_table, redraw, row, show
 
 RUN_BEST_STYLE = "background:#fff3bf"
 SELECTED_STYLE = "outline:2px solid #1c7ed6"
@@ -232,10 +231,15 @@ class CheckpointBrowser(Panel):
         if self.sort_by.value == "step":
             return table.sort_values(["step", "run"], kind="stable")
         if self.sort_by.value == "best":
-            metric, mode = self._shared or ("val_loss", "min")
+            metric, mode = self._ranking
             if metric in table:
                 return table.sort_values(metric, ascending=mode == "min", kind="stable", na_position="last")
         return table
+
+    @property
+    def _ranking(self) -> tuple[str, str]:
+        """(metric, mode) the list shows and sorts best first by: the runs' shared monitor, else the validation loss."""
+        return self._shared or ("val_loss", wb.selection.metric_mode("val_loss"))
 
     def _fill(self, wanted: str | None) -> None:
         """List ``shown`` in the selector, keeping ``wanted`` selected if listed (else the best, else the last)."""
@@ -265,7 +269,7 @@ class CheckpointBrowser(Panel):
     def _label(self, row: pd.Series) -> str:
         stage = f" [{row['stage']}]" if isinstance(row["stage"], str) and row["stage"] else ""
         mark = f" ({row['best']})" if row["best"] else ""
-        metric = (self._shared or ("val_loss", "min"))[0]
+        metric = self._ranking[0]
         value = f", {metric} {row[metric]:.4g}" if metric in row and pd.notna(row[metric]) else ""
         return f"{row['run']} / step {row['step']}{value}{stage}{mark}"
 
@@ -401,18 +405,8 @@ class CheckpointBrowser(Panel):
             ValueError: no directory given, or as ``wb.export_checkpoint`` (a directory that is not
                 new or empty, a format that does not fit the run).
         """
-        path = self._selected()
-        if to is not None:
-            self.export_to.value = str(to)
-        typed = self.export_to.value.strip()
-        if not typed:
-            raise ValueError("type the directory to export to in the 'export to' box")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            out = wb.export_checkpoint(path, Path(typed).expanduser(), format, task=self.task)
-        notes = "".join(f" Note: {w.message}" for w in caught)
-        files = ", ".join(sorted(file.name for file in out.iterdir()))
-        show(self.status, f"exported {path.name} of {self._run_of(path).name} ({format}) to {out}: {files}.{notes}")
+        out, message = export_typed(self._selected(), self.export_to, to, format, self.task)
+        show(self.status, message)
         return out
 
     def delete(self) -> None:

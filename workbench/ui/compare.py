@@ -21,7 +21,7 @@ import plotly.graph_objects as go
 
 import workbench as wb
 
-from .panel import BEST_STYLE, Panel, catching, html_table, redraw, row, show
+from .panel import BEST_STYLE, Panel, catching, export_typed, html_table, redraw, row, show
 
 METRICS = {"loss": "validation loss", "acc": "validation accuracy"}
 NO_RANK = 0  # the ranks filter's value for the runs without a rank (the baselines "full" and "head")
@@ -289,13 +289,8 @@ class Compare(Panel):
         Raises:
             ValueError: nothing picked yet, no directory given, or as ``wb.export_checkpoint``.
         """
-        best = self._picked()
-        typed = str(to) if to is not None else self.export_to.value.strip()
-        if not typed:
-            raise ValueError("type the directory to export to in the 'export to' box")
-        out = wb.export_checkpoint(best, Path(typed).expanduser(), format or self.export_format.value)
-        show(self.status, f"exported {best.name} of {best.parent.parent.name} to {out}: "
-                          f"{', '.join(sorted(file.name for file in out.iterdir()))}")
+        out, message = export_typed(self._picked(), self.export_to, to, format or self.export_format.value)
+        show(self.status, message)
         return out
 
     def open_best(self) -> wb.ui.CheckpointBrowser:

@@ -1,14 +1,20 @@
-"""What every panel shares: display through its top-level widget, the status line, HTML tables, figure redraws."""
+"""What every panel shares: display through its top-level widget, the status line, HTML tables, figure redraws,
+rows that wrap, the export into a typed directory."""
 
 from __future__ import annotations
 
 import html
+import os
+import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import ipywidgets as widgets
 import pandas as pd
 import plotly.graph_objects as go
+
+import workbench as wb
 
 BEST_STYLE = "background:#ffe066;font-weight:bold"
 
@@ -72,6 +78,28 @@ def static_html(widget: widgets.Widget) -> str:
 def row(*children: widgets.Widget) -> widgets.Box:
     """Controls side by side that wrap onto the next line in a narrow notebook (~750 px) instead of overlapping."""
     return widgets.Box(list(children), layout=widgets.Layout(flex_flow="row wrap", align_items="flex-start"))
+
+
+def export_typed(checkpoint: Path, box: widgets.Text, to: str | os.PathLike[str] | None, format: str,
+                 task: wb.Task | None = None) -> tuple[Path, str]:
+    """``wb.export_checkpoint`` of ``checkpoint`` in ``format`` into ``to`` (then shown in ``box``), else into
+    the directory typed in ``box``; returns the directory and a status line naming its files and any
+    warning the export gave (delta-lora's moved weights, say).
+
+    Raises:
+        ValueError: no directory given, or as ``wb.export_checkpoint``.
+    """
+    if to is not None:
+        box.value = str(to)
+    typed = box.value.strip()
+    if not typed:
+        raise ValueError(f"type the directory to export to in the '{box.description}' box")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = wb.export_checkpoint(checkpoint, Path(typed).expanduser(), format, task=task)
+    notes = "".join(f" Note: {w.message}" for w in caught)
+    files = ", ".join(sorted(file.name for file in out.iterdir()))
+    return out, f"exported {checkpoint.name} of {checkpoint.parent.parent.name} ({format}) to {out}: {files}.{notes}"
 
 
 def show(status: widgets.HTML, message: str, error: bool = False) -> None:
