@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import workbench as wb
 from workbench.tasks import packaged, text
@@ -58,6 +59,18 @@ def labelled(rows: int = 60) -> pd.DataFrame:
     """Sentences with string labels, positive and negative alternating."""
     return pd.DataFrame({"review": [SENTENCES[i % 6] + f" ({i})" for i in range(rows)],
                          "sentiment": ["pos" if i % 2 == 0 else "neg" for i in range(rows)]})
+
+
+def exported_best(task: wb.Task, variant: str, rank: int, out: Path, format: str = "peft", steps: int = 4,
+                  **settings) -> tuple[torch.nn.Module, Path]:
+    """Train a short run in ``out / "run"`` (evaluated and saved twice) and export its best checkpoint into
+    ``out / format``; returns the best checkpoint's rebuilt model and the export's directory."""
+    run = out / "run"
+    wb.train(task, variant, rank, run, lr=1e-2, steps=steps, eval_every=steps // 2, save_every=steps // 2,
+             progress_bar=False, **settings)
+    best = wb.best_checkpoint(run)
+    model, _ = wb.load_run_model(best, task)
+    return model, wb.export_checkpoint(best, out / format, format, task=task)
 
 
 # -- the built-in tasks -----------------------------------------------------------------------------
@@ -255,11 +268,7 @@ def test_bad_files_and_models_get_clear_errors(tiny_bert, tmp_path):
 
 def test_the_export_with_its_trained_head_loads_in_peft_with_the_same_logits(tiny_bert, tmp_path):
     task = wb.tasks.text_classification(tiny_bert, labelled(), "review", "sentiment")
-    run = tmp_path / "run"
-    wb.train(task, "lora", 4, run, lr=1e-2, steps=8, eval_every=4, save_every=4, progress_bar=False)
-    best = wb.best_checkpoint(run)
-    ours, _ = wb.load_run_model(best, task)
-    exported = wb.export_checkpoint(best, tmp_path / "adapter", task=task)
+    ours, exported = exported_best(task, "lora", 4, tmp_path, steps=8)
     assert "modules_to_save" in json.loads((exported / "adapter_config.json").read_text())
     fresh = task.base_model()  # a new, untrained head: the export must bring the trained one
     loaded = peft.PeftModel.from_pretrained(fresh, exported).eval()
@@ -318,12 +327,7 @@ def test_the_merged_export_of_a_causal_lm_loads_in_transformers_with_the_run_mod
     play = tmp_path / "play.txt"
     play.write_text(" ".join(SENTENCES * 40))
     task = wb.tasks.causal_lm(tiny_llama, play, block_size=16)
-    run = tmp_path / "run"
-    wb.train(task, "dora", 2, run, lr=1e-2, steps=4, eval_every=2, save_every=2, targets=["q_proj", "lm_head"],
-             progress_bar=False)
-    best = wb.best_checkpoint(run)
-    ours, _ = wb.load_run_model(best, task)
-    merged = wb.export_checkpoint(best, tmp_path / "merged", "merged", task=task)
+    ours, merged = exported_best(task, "dora", 2, tmp_path, "merged", targets=["q_proj", "lm_head"])
     loaded = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()
     assert transformers.AutoTokenizer.from_pretrained(merged).vocab_size == task.tokenizer.vocab_size
     ids = task.datasets(0)["val"][0][0][None]
@@ -335,14 +339,8 @@ def test_the_merged_export_of_a_causal_lm_loads_in_transformers_with_the_run_mod
 
 
 def test_the_merged_export_of_a_classifier_has_transformers_encoder_and_the_head_beside_it(tiny_bert, tmp_path):
-    from safetensors.torch import load_file
-
     task = wb.tasks.text_classification(tiny_bert, labelled(), "review", "sentiment")
-    run = tmp_path / "run"
-    wb.train(task, "lora", 4, run, lr=1e-2, steps=4, eval_every=2, save_every=2, progress_bar=False)
-    best = wb.best_checkpoint(run)
-    ours, _ = wb.load_run_model(best, task)
-    merged = wb.export_checkpoint(best, tmp_path / "merged", "merged", task=task)
+    ours, merged = exported_best(task, "lora", 4, tmp_path, "merged")
     encoder = transformers.AutoModel.from_pretrained(merged).eval()
     head = load_file(merged / wb.runs.operations.HEAD_FILE)
     assert set(head) == {"classifier.weight", "classifier.bias"}
